@@ -1,0 +1,5 @@
+import sys
+
+from cipherprompt.cli import main
+
+sys.exit(main())

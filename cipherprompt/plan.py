@@ -1,0 +1,113 @@
+"""Operator plans: which non-linear operator sits in which layer.
+
+A plan is saved with every checkpoint and hashed into the program that client and server compare
+before a session starts, so both parties provably run the same operators.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass
+
+from cipherprompt.ops import ACTIVATIONS, ATTENTION_NORMALISERS, LAYER_NORMALISERS
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    activation: str
+    attention_normaliser: str
+    layer_normaliser: str
+
+    def __post_init__(self) -> None:
+        for field, registry in (
+            ("activation", ACTIVATIONS),
+            ("attention_normaliser", ATTENTION_NORMALISERS),
+            ("layer_normaliser", LAYER_NORMALISERS),
+        ):
+            value = getattr(self, field)
+            if value not in registry:
+                raise ValueError(
+                    f"invalid {field} {value!r} in operator plan; "
+                    f"valid choices: {', '.join(sorted(registry))}"
+                )
+
+
+EXACT_LAYER = LayerPlan("gelu_tanh", "softmax", "layernorm")
+REFERENCE_LAYER = LayerPlan("gelu_erf", "softmax", "layernorm")
+FRIENDLY_LAYER = LayerPlan("quad", "2quad", "layernorm")
+
+PRESET_HELP = {
+    "reference": "the original operators (erf GELU, softmax, LayerNorm); used to check imports",
+    "exact": "GELU in its tanh form, softmax, LayerNorm: the teacher (erf GELU costs 4x more)",
+    "friendly": "every layer substituted: quad GELU, 2Quad attention, LayerNorm",
+    "friendly-first-K": "layers 0..K-1 as in 'friendly', the rest as in 'exact'",
+}
+
+
+@dataclass(frozen=True)
+class OperatorPlan:
+    """Per-layer operator choice for an encoder or decoder, plus the embedding normaliser."""
+
+    name: str
+    layers: tuple[LayerPlan, ...]
+    embedding_normaliser: str = "layernorm"
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("an operator plan needs at least one layer")
+        if self.embedding_normaliser not in LAYER_NORMALISERS:
+            raise ValueError(
+                f"invalid embedding_normaliser {self.embedding_normaliser!r}; "
+                f"valid choices: {', '.join(sorted(LAYER_NORMALISERS))}"
+            )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @classmethod
+    def preset(cls, name: str, num_layers: int) -> OperatorPlan:
+        """Build the named preset for a model with ``num_layers`` layers."""
+        if name == "reference":
+            return cls(name, (REFERENCE_LAYER,) * num_layers)
+        if name == "exact":
+            return cls(name, (EXACT_LAYER,) * num_layers)
+        if name == "friendly":
+            return cls(name, (FRIENDLY_LAYER,) * num_layers)
+        match = re.fullmatch(r"friendly-first-(\d+)", name)
+        if match:
+            count = int(match.group(1))
+            if not 1 <= count <= num_layers:
+                raise ValueError(
+                    f"plan {name!r} substitutes {count} layers but the model has {num_layers}; "
+                    f"use friendly-first-1 to friendly-first-{num_layers}"
+                )
+            layers = (FRIENDLY_LAYER,) * count + (EXACT_LAYER,) * (num_layers - count)
+            return cls(name, layers)
+        raise ValueError(
+            f"unknown operator plan {name!r}; valid presets: "
+            + ", ".join(f"{key} ({text})" for key, text in PRESET_HELP.items())
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "embedding_normaliser": self.embedding_normaliser,
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> OperatorPlan:
+        try:
+            layers = tuple(LayerPlan(**layer) for layer in data["layers"])
+            return cls(data["name"], layers, data.get("embedding_normaliser", "layernorm"))
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"malformed operator plan {data!r}: {error}") from error
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
