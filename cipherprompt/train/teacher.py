@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -133,7 +134,8 @@ def train_teacher(out_dir: Path, cfg: TeacherConfig = TeacherConfig()) -> dict:
     started = time.perf_counter()
     log.info("fine-tuning the teacher: %d examples, %d epochs, %d steps", len(train), cfg.epochs,
              total_steps)
-    with tqdm(total=total_steps, desc="teacher", unit="step") as progress:
+    with tqdm(total=total_steps, desc="teacher", unit="step", mininterval=progress_interval()) \
+            as progress:
         step = 0
         for epoch in range(cfg.epochs):
             for in_epoch, (ids, mask, labels) in enumerate(
@@ -194,6 +196,11 @@ def _teacher_checkpoint(params, config, plan, cfg: TeacherConfig, history) -> Ch
             "history": list(history),
         },
     )
+
+
+def progress_interval() -> float:
+    """Seconds between progress-bar updates: frequent on a terminal, sparse in a log file."""
+    return 0.1 if sys.stderr.isatty() else 30.0
 
 
 def write_json(path: Path, data: dict) -> None:
