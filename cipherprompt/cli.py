@@ -109,6 +109,14 @@ def _stage_progress(client):
     return report if sys.stderr.isatty() else None
 
 
+def cmd_health(args) -> int:
+    from cipherprompt.secure.launch import check_health
+
+    status = check_health(args.server, timeout_s=args.timeout)
+    print(" ".join(f"{key}={value}" for key, value in status.items()))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from cipherprompt.demo import DemoConfig, run_demo
 
@@ -185,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="write the prediction and cost of each query as JSON here")
     classify.add_argument("texts", nargs="+", help="texts to classify")
     classify.set_defaults(handler=cmd_classify)
+
+    health = commands.add_parser("health", help="ask a server whether it is serving")
+    health.add_argument("--server", required=True, help="server address HOST:PORT")
+    health.add_argument("--timeout", type=float, default=10.0, help="seconds (default: 10)")
+    health.set_defaults(handler=cmd_health)
     return parser
 
 

@@ -9,10 +9,6 @@ prediction of the same model, their largest probability difference, and the quer
 from __future__ import annotations
 
 import logging
-import socket
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,6 +21,7 @@ from cipherprompt.data import LABEL_NAMES, load_splits
 from cipherprompt.models.bert import classify, pooling_weights
 from cipherprompt.secure.client import PrivateClassifier, softmax
 from cipherprompt.secure.cost import format_bytes, format_cost_table, write_cost
+from cipherprompt.secure.launch import ServerProcess
 from cipherprompt.tokenizer import WordPieceTokenizer
 from cipherprompt.train.teacher import TeacherConfig, train_teacher, write_json
 
@@ -73,38 +70,6 @@ def pick_sentences(count: int, max_len: int, seed: int = 0) -> list:
     return picked
 
 
-def _start_server(checkpoint: Path, config: DemoConfig, port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "cipherprompt", "serve", "--checkpoint", str(checkpoint),
-               "--host", "127.0.0.1", "--port", str(port), "--work-dir", str(config.work_dir)]
-    log_path = config.work_dir / "server.log"
-    log.info("starting the server process (log: %s)", log_path)
-    with open(log_path, "ab") as server_log:
-        return subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT)
-
-
-def _wait_until_listening(process: subprocess.Popen, port: int, timeout_s: float,
-                          log_path: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"the server process exited with code {process.returncode}; see {log_path}"
-            )
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"the server did not listen on port {port} within {timeout_s:.0f} s; "
-                       f"see {log_path}")
-
-
-def _free_local_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def run_demo(config: DemoConfig) -> int:
     """Run the whole chain; return 0 when every private prediction equals the plaintext one."""
     config.work_dir.mkdir(parents=True, exist_ok=True)
@@ -113,56 +78,50 @@ def run_demo(config: DemoConfig) -> int:
     examples = pick_sentences(config.sentences, checkpoint.max_len)
     plaintext = jax.jit(partial(classify, config=checkpoint.config, plan=checkpoint.plan))
 
-    port = config.port or _free_local_port()
-    server = _start_server(checkpoint_path, config, port)
-    rows, agreements = [], []
-    try:
-        _wait_until_listening(server, port, config.server_start_timeout_s,
-                              config.work_dir / "server.log")
-        with PrivateClassifier(f"127.0.0.1:{port}", work_dir=config.work_dir / "client") as client:
-            for number, example in enumerate(examples, start=1):
-                log.info("query %d/%d: private run of %d stages", number, len(examples),
-                         len(client.model.stages))
-                private = client.classify(example.text)
-                encoded = client.tokenizer.encode(example.text, client.max_len)
-                mask = encoded.mask[None, :]
-                logits = np.asarray(plaintext(checkpoint.params, tokens=encoded.ids[None, :],
-                                              mask=mask, pool_weights=pooling_weights(mask)))[0]
-                plain_probabilities = softmax(logits.astype(np.float64))
-                plain_label = int(np.argmax(logits))
-                difference = float(np.abs(private.probabilities - plain_probabilities).max())
-                agreements.append(private.label == plain_label)
-                rows.append({
-                    "text": example.text,
-                    "true_label": LABEL_NAMES[example.label],
-                    "private_label": private.label_name,
-                    "plaintext_label": LABEL_NAMES[plain_label],
-                    "private_probabilities": private.probabilities.tolist(),
-                    "plaintext_probabilities": plain_probabilities.tolist(),
-                    "max_probability_difference": difference,
-                    "logit_error": float(np.abs(private.logits - logits).max()),
-                    "cost": private.cost.to_dict(),
-                })
-                write_cost(config.work_dir / f"demo-query-{number}.json", private.cost)
-                _print_row(number, rows[-1], private.cost)
-        print()
-        print(f"cost of the last query (client's view, plan {checkpoint.plan.name}, "
-              f"{checkpoint.max_len} tokens):")
-        print(format_cost_table(private.cost))
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+    rows = []
+    server = ServerProcess(checkpoint_path, config.work_dir, config.port,
+                           start_timeout_s=config.server_start_timeout_s)
+    with server, PrivateClassifier(server.address, work_dir=config.work_dir / "client") as client:
+        for number, example in enumerate(examples, start=1):
+            log.info("query %d/%d: private run of %d stages", number, len(examples),
+                     len(client.model.stages))
+            private = client.classify(example.text)
+            rows.append(compare_with_plaintext(example, private, client, checkpoint, plaintext))
+            write_cost(config.work_dir / f"demo-query-{number}.json", private.cost)
+            _print_row(number, rows[-1], private.cost)
+    print()
+    print(f"cost of the last query (client's view, plan {checkpoint.plan.name}, "
+          f"{checkpoint.max_len} tokens):")
+    print(format_cost_table(private.cost))
     write_json(config.work_dir / "demo-report.json", {
         "command": "cipherprompt demo", "checkpoint": str(checkpoint_path),
         "plan": checkpoint.plan.name, "max_len": checkpoint.max_len, "queries": rows,
     })
-    agreed = sum(agreements)
-    print(f"\n{agreed}/{len(agreements)} private predictions equal the plaintext prediction; "
+    agreed = sum(row["private_label"] == row["plaintext_label"] for row in rows)
+    print(f"\n{agreed}/{len(rows)} private predictions equal the plaintext prediction; "
           f"report: {config.work_dir / 'demo-report.json'}")
-    return 0 if agreed == len(agreements) else 1
+    return 0 if agreed == len(rows) else 1
+
+
+def compare_with_plaintext(example, private, client, checkpoint, plaintext) -> dict:
+    """One report row: the private prediction next to the plaintext run of the same model."""
+    encoded = client.tokenizer.encode(example.text, client.max_len)
+    mask = encoded.mask[None, :]
+    logits = np.asarray(plaintext(checkpoint.params, tokens=encoded.ids[None, :], mask=mask,
+                                  pool_weights=pooling_weights(mask)))[0]
+    plain_probabilities = softmax(logits.astype(np.float64))
+    return {
+        "text": example.text,
+        "true_label": LABEL_NAMES[example.label],
+        "private_label": private.label_name,
+        "plaintext_label": LABEL_NAMES[int(np.argmax(logits))],
+        "private_probabilities": private.probabilities.tolist(),
+        "plaintext_probabilities": plain_probabilities.tolist(),
+        "max_probability_difference": float(
+            np.abs(private.probabilities - plain_probabilities).max()),
+        "logit_error": float(np.abs(private.logits - logits).max()),
+        "cost": private.cost.to_dict(),
+    }
 
 
 def _print_row(number: int, row: dict, cost) -> None:

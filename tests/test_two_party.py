@@ -7,7 +7,6 @@ size 24 and two layers, so each private query takes seconds under CHEETAH.
 import socket
 import subprocess
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from cipherprompt.plan import OperatorPlan
 from cipherprompt.secure import client as client_module
 from cipherprompt.secure.client import HandshakeError, PrivateClassifier, ServerUnreachableError
 from cipherprompt.secure.engine import compile_classifier
+from cipherprompt.secure.launch import ServerProcess, check_health
 from cipherprompt.secure.wire import PROTOCOL_VERSION, PeerError, recv_message, send_message
 from cipherprompt.tokenizer import EmptyTextError, TextTooLongError
 
@@ -52,27 +52,9 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     work_dir = tmp_path_factory.mktemp("server")
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cipherprompt", "serve", "--checkpoint", str(tiny_model[0]),
-         "--port", str(port), "--work-dir", str(work_dir), "--idle-timeout", "60"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if process.poll() is not None:
-                pytest.fail(f"server exited: {process.stdout.read()}")
-            time.sleep(0.3)
-    else:
-        process.kill()
-        pytest.fail("server did not start listening within 120 s")
-    yield f"127.0.0.1:{port}", process, work_dir
-    process.terminate()
-    process.wait(timeout=30)
+    with ServerProcess(tiny_model[0], work_dir, extra_args=("--idle-timeout", "60"),
+                       start_timeout_s=120) as process:
+        yield process.address, process.process, work_dir
 
 
 def _plaintext_logits(tiny_model, client, text):
@@ -221,3 +203,20 @@ def test_server_missing_checkpoint(tmp_path):
     )
     assert result.returncode == 2
     assert "not found" in result.stderr
+
+
+def test_health_reports_serving(server):
+    address, process, _ = server
+    status = check_health(address)
+    assert status["status"] == "serving"
+    assert status["plan"] == "exact"
+    assert status["max_len"] == MAX_LEN
+    assert status["active_sessions"] == 0
+
+
+def test_server_survives_silent_connection(server):
+    address, process, _ = server
+    host, port = address.split(":")
+    socket.create_connection((host, int(port)), timeout=5).close()
+    assert check_health(address)["status"] == "serving"
+    assert process.poll() is None

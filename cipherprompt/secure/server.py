@@ -39,6 +39,9 @@ from cipherprompt.secure.wire import (
 
 log = logging.getLogger(__name__)
 
+# Seconds a new connection may take to send its first message and finish the handshake.
+HANDSHAKE_TIMEOUT_S = 120.0
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -102,6 +105,8 @@ class ModelServer:
         self.config.work_dir.mkdir(parents=True, exist_ok=True)
         self._slots = threading.BoundedSemaphore(config.max_sessions)
         self._session_ids = itertools.count(1)
+        self._active = 0
+        self._active_lock = threading.Lock()
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
 
@@ -138,15 +143,8 @@ class ModelServer:
                 if self._stopping.is_set():
                     break
                 raise
-            session_id = next(self._session_ids)
-            if not self._slots.acquire(blocking=False):
-                log.warning("session %d from %s:%d rejected: all %d slots busy", session_id,
-                            peer[0], peer[1], self.config.max_sessions)
-                self._reject(connection, "server busy: all sessions in use, retry later")
-                continue
-            thread = threading.Thread(
-                target=self._run_session, args=(connection, peer, session_id), daemon=True
-            )
+            thread = threading.Thread(target=self._handle_connection, args=(connection, peer),
+                                      daemon=True)
             thread.start()
         log.info("server stopped")
 
@@ -163,13 +161,58 @@ class ModelServer:
             pass
         connection.close()
 
-    def _run_session(self, connection: socket.socket, peer, session_id: int) -> None:
+    def _handle_connection(self, connection: socket.socket, peer) -> None:
+        """Answer a health probe, or run a session if a slot is free."""
+        try:
+            connection.settimeout(HANDSHAKE_TIMEOUT_S)
+            first = recv_message(connection, ("hello", "health"))
+        except (ProtocolError, PeerError, OSError) as error:
+            log.warning("connection from %s:%d dropped before a session: %s", peer[0], peer[1],
+                        error)
+            connection.close()
+            return
+        if first.kind == "health":
+            self._answer_health(connection)
+            return
+        session_id = next(self._session_ids)
+        if not self._slots.acquire(blocking=False):
+            log.warning("session %d from %s:%d rejected: all %d slots busy", session_id,
+                        peer[0], peer[1], self.config.max_sessions)
+            self._reject(connection, "server busy: all sessions in use, retry later")
+            return
+        with self._active_lock:
+            self._active += 1
+        try:
+            self._run_session(connection, peer, session_id, first.payload)
+        finally:
+            with self._active_lock:
+                self._active -= 1
+            self._slots.release()
+
+    def _answer_health(self, connection: socket.socket) -> None:
+        with self._active_lock:
+            active = self._active
+        try:
+            send_message(connection, "health", {
+                "status": "serving",
+                "model": self.description["name"],
+                "plan": self.checkpoint.plan.name,
+                "max_len": self.max_len,
+                "program_sha256": self.model.digest,
+                "active_sessions": active,
+                "max_sessions": self.config.max_sessions,
+            })
+        except OSError:
+            pass
+        connection.close()
+
+    def _run_session(self, connection: socket.socket, peer, session_id: int, hello: dict) -> None:
         started = time.perf_counter()
         queries, outcome, party = 0, "closed", None
         log.info("session %d start: peer %s:%d", session_id, peer[0], peer[1])
         try:
+            party = self._handshake(connection, hello)
             connection.settimeout(self.config.idle_timeout_s)
-            party = self._handshake(connection)
             for name, value in self.weights.items():
                 party.set_secret(name, value, owner=SERVER_RANK)
             while True:
@@ -193,7 +236,6 @@ class ModelServer:
             if party is not None:
                 party.close()
             connection.close()
-            self._slots.release()
             log.info("session %d end: peer %s:%d, %d queries, %.1f s, %s", session_id, peer[0],
                      peer[1], queries, time.perf_counter() - started, outcome)
 
@@ -204,8 +246,7 @@ class ModelServer:
         except OSError:
             pass
 
-    def _handshake(self, connection: socket.socket) -> SecureParty:
-        hello = recv_message(connection, "hello").payload
+    def _handshake(self, connection: socket.socket, hello: dict) -> SecureParty:
         if hello.get("protocol_version") != PROTOCOL_VERSION:
             raise ValueError(
                 f"protocol_version differs: client {hello.get('protocol_version')!r}, "
