@@ -64,7 +64,7 @@ def recv_message(sock: socket.socket, expected: str | tuple[str, ...] | None = N
         kind, payload, sizes = header["kind"], header["payload"], header["blobs"]
         if not isinstance(kind, str) or not isinstance(payload, dict):
             raise TypeError("kind must be a string and payload an object")
-        if not all(isinstance(size, int) and 0 <= size <= MAX_BLOB_BYTES for size in sizes):
+        if not all(type(size) is int and 0 <= size <= MAX_BLOB_BYTES for size in sizes):
             raise TypeError(f"invalid blob sizes {sizes!r}")
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise ProtocolError(f"malformed frame header: {error}") from error

@@ -1,0 +1,164 @@
+"""Operator plans: presets, validation, serialisation and digest."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from cipherprompt.plan import (
+    EXACT_LAYER,
+    FRIENDLY_LAYER,
+    PRESET_HELP,
+    REFERENCE_LAYER,
+    LayerPlan,
+    OperatorPlan,
+)
+
+NUM_LAYERS = 5
+
+
+def test_preset_exact_layers():
+    plan = OperatorPlan.preset("exact", NUM_LAYERS)
+
+    assert plan.name == "exact"
+    assert plan.num_layers == NUM_LAYERS
+    assert plan.layers == (LayerPlan("gelu_tanh", "softmax", "layernorm"),) * NUM_LAYERS
+    assert plan.embedding_normaliser == "layernorm"
+
+
+def test_preset_reference_layers():
+    plan = OperatorPlan.preset("reference", NUM_LAYERS)
+
+    assert plan.layers == (LayerPlan("gelu_erf", "softmax", "layernorm"),) * NUM_LAYERS
+    assert REFERENCE_LAYER == LayerPlan("gelu_erf", "softmax", "layernorm")
+
+
+def test_preset_friendly_layers():
+    plan = OperatorPlan.preset("friendly", NUM_LAYERS)
+
+    assert plan.layers == (LayerPlan("quad", "2quad", "layernorm"),) * NUM_LAYERS
+
+
+@pytest.mark.parametrize("count", [1, 2, NUM_LAYERS])
+def test_preset_friendly_first_k(count):
+    plan = OperatorPlan.preset(f"friendly-first-{count}", NUM_LAYERS)
+
+    assert plan.name == f"friendly-first-{count}"
+    assert plan.num_layers == NUM_LAYERS
+    assert plan.layers[:count] == (FRIENDLY_LAYER,) * count
+    assert plan.layers[count:] == (EXACT_LAYER,) * (NUM_LAYERS - count)
+
+
+@pytest.mark.parametrize("count", [0, NUM_LAYERS + 1])
+def test_preset_friendly_first_out_of_range(count):
+    with pytest.raises(ValueError) as raised:
+        OperatorPlan.preset(f"friendly-first-{count}", NUM_LAYERS)
+
+    message = str(raised.value)
+    assert f"friendly-first-{count}" in message
+    assert "friendly-first-1" in message
+    assert f"friendly-first-{NUM_LAYERS}" in message
+
+
+@pytest.mark.parametrize("name", ["fast", "friendly-first-", "friendly-first-x", "Exact"])
+def test_preset_unknown_name_lists_presets(name):
+    with pytest.raises(ValueError) as raised:
+        OperatorPlan.preset(name, NUM_LAYERS)
+
+    message = str(raised.value)
+    assert repr(name) in message
+    for preset in PRESET_HELP:
+        assert preset in message
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("activation", "gelu"), ("attention_normaliser", "sparsemax"), ("layer_normaliser", "rms")],
+)
+def test_layer_plan_invalid_operator(field, value):
+    arguments = {
+        "activation": "quad",
+        "attention_normaliser": "2quad",
+        "layer_normaliser": "layernorm",
+    }
+    arguments[field] = value
+
+    with pytest.raises(ValueError) as raised:
+        LayerPlan(**arguments)
+
+    message = str(raised.value)
+    assert field in message
+    assert repr(value) in message
+    assert "valid choices" in message
+
+
+def test_plan_invalid_embedding_normaliser():
+    with pytest.raises(ValueError, match="embedding_normaliser 'rms'"):
+        OperatorPlan("custom", (EXACT_LAYER,), embedding_normaliser="rms")
+
+
+def test_plan_without_layers_rejected():
+    with pytest.raises(ValueError, match="at least one layer"):
+        OperatorPlan("empty", ())
+
+
+@pytest.mark.parametrize("name", ["exact", "reference", "friendly", "friendly-first-3"])
+def test_dict_round_trip(name):
+    plan = OperatorPlan.preset(name, NUM_LAYERS)
+
+    restored = OperatorPlan.from_dict(plan.to_dict())
+
+    assert restored == plan
+    assert restored.digest() == plan.digest()
+
+
+def test_dict_round_trip_mean_centre_embedding():
+    plan = OperatorPlan("custom", (FRIENDLY_LAYER, EXACT_LAYER), embedding_normaliser="mean_centre")
+
+    assert OperatorPlan.from_dict(plan.to_dict()) == plan
+
+
+def test_from_dict_missing_layers():
+    with pytest.raises(ValueError, match="malformed operator plan"):
+        OperatorPlan.from_dict({"name": "exact"})
+
+
+def test_from_dict_unknown_layer_field():
+    data = OperatorPlan.preset("exact", 2).to_dict()
+    data["layers"][0]["dropout"] = 0.1
+
+    with pytest.raises(ValueError, match="malformed operator plan"):
+        OperatorPlan.from_dict(data)
+
+
+def test_digest_stable_for_equal_plans():
+    first = OperatorPlan.preset("friendly-first-2", NUM_LAYERS)
+    second = OperatorPlan.preset("friendly-first-2", NUM_LAYERS)
+
+    assert first is not second
+    assert first.digest() == second.digest()
+    assert len(first.digest()) == 64
+
+
+def test_digest_changes_with_one_layer():
+    plan = OperatorPlan.preset("exact", NUM_LAYERS)
+    layers = list(plan.layers)
+    layers[3] = dataclasses.replace(layers[3], activation="relu")
+    changed = OperatorPlan(plan.name, tuple(layers))
+
+    assert changed.digest() != plan.digest()
+
+
+def test_digest_changes_with_layer_count():
+    assert (
+        OperatorPlan.preset("exact", NUM_LAYERS).digest()
+        != OperatorPlan.preset("exact", NUM_LAYERS + 1).digest()
+    )
+
+
+def test_digest_changes_with_embedding_normaliser():
+    plan = OperatorPlan.preset("exact", NUM_LAYERS)
+    changed = dataclasses.replace(plan, embedding_normaliser="mean_centre")
+
+    assert changed.digest() != plan.digest()
