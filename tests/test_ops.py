@@ -21,10 +21,14 @@ ALL_OPERATORS = [
     *ATTENTION_NORMALISERS.values(),
     *LAYER_NORMALISERS.values(),
 ]
+# The tests of stated error below compare with GELU; SiLU has its own tests.
+GELU_ACTIVATIONS = {name for name, cls in ACTIVATIONS.items() if cls.reference == "gelu_erf"}
 APPROXIMATE_ACTIVATIONS = sorted(
-    name for name, cls in ACTIVATIONS.items() if cls.fitted_range is not None
+    name for name in GELU_ACTIVATIONS if ACTIVATIONS[name].fitted_range is not None
 )
-EXACT_ACTIVATIONS = sorted(name for name, cls in ACTIVATIONS.items() if cls.fitted_range is None)
+EXACT_ACTIVATIONS = sorted(
+    name for name in GELU_ACTIVATIONS if ACTIVATIONS[name].fitted_range is None
+)
 
 # Distinct odd sizes, so a normaliser that works on the wrong axis cannot pass by symmetry.
 BATCH, HEADS, QUERIES, KEYS = 2, 3, 5, 7
@@ -98,6 +102,25 @@ def test_activation_stated_error_tight(name):
 def test_exact_activation_equals_gelu(name):
     assert ACTIVATIONS[name].max_error == 0.0
     assert activation_error(name, -8.0, 8.0) == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activation_reference_is_exact(name):
+    reference = ACTIVATIONS[ACTIVATIONS[name].reference]
+
+    assert reference.fitted_range is None
+    assert reference.max_error == 0.0
+
+
+def test_silu_matches_float64():
+    grid = np.linspace(-30.0, 30.0, 200_001)
+    expected = grid / (1.0 + np.exp(-grid))
+
+    result = np.asarray(activation("silu")(jnp.asarray(grid, jnp.float32)), np.float64)
+
+    # Float32 rounding only: a few units in the last place of values up to 30.
+    np.testing.assert_allclose(result, expected, rtol=1e-6, atol=1e-6)
+    assert ACTIVATIONS["silu"].max_error == 0.0
 
 
 def test_quad_coefficients_match_formula():
@@ -237,6 +260,42 @@ def test_layernorm_matches_numpy(eps):
     result = layer_normaliser("layernorm")(jnp.asarray(x), gamma, beta, eps)
 
     np.testing.assert_allclose(np.asarray(result), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-1])
+def test_rmsnorm_matches_numpy(eps):
+    rng = np.random.default_rng(11)
+    # The mean square is near 0.09, so with eps = 0.1 an eps outside the square root would fail.
+    x = (rng.standard_normal((BATCH, QUERIES, 24)) * 0.05 + 0.3).astype(np.float32)
+    gamma = rng.uniform(0.5, 1.5, 24).astype(np.float32)
+    beta = rng.standard_normal(24).astype(np.float32)
+    x64 = x.astype(np.float64)
+    expected = x64 / np.sqrt(np.mean(x64 * x64, axis=-1, keepdims=True) + eps) * gamma + beta
+
+    result = layer_normaliser("rmsnorm")(jnp.asarray(x), gamma, beta, eps)
+
+    np.testing.assert_allclose(np.asarray(result), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rmsnorm_keeps_mean():
+    # Unlike LayerNorm, RMSNorm does not centre: a constant row stays constant and nonzero.
+    x = np.full((1, 24), 3.0, np.float32)
+
+    result = layer_normaliser("rmsnorm")(jnp.asarray(x), np.ones(24, np.float32), 0.0, 1e-6)
+
+    np.testing.assert_allclose(np.asarray(result), 1.0, rtol=1e-5)
+
+
+def test_softmax_with_causal_mask():
+    # A [queries, keys] lower-triangular mask broadcasts against [batch, heads, queries, keys].
+    scores = random_scores(12)[..., :QUERIES]
+    causal = np.tril(np.ones((QUERIES, QUERIES), np.float32))
+
+    weights = normalise("softmax", scores, causal)
+
+    np.testing.assert_allclose(weights, masked_softmax(scores, causal), atol=1e-6)
+    future = np.triu(np.ones((QUERIES, QUERIES), bool), k=1)
+    assert np.all(weights[..., future] == 0.0)
 
 
 def test_mean_centre_matches_numpy():

@@ -212,6 +212,11 @@ def encode(
     dropout_rng: jax.Array | None = None,
 ) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
     """Run embedding and all layers; return (last hidden states, per-layer hidden, attention)."""
+    if plan.embedding_normaliser is None or plan.final_normaliser is not None:
+        raise ValueError(
+            f"operator plan {plan.name!r} is a decoder plan; the BERT encoder needs an "
+            "embedding normaliser and no final normaliser (presets: exact, reference, friendly)"
+        )
     if plan.num_layers != config.num_layers:
         raise ValueError(
             f"operator plan {plan.name!r} has {plan.num_layers} layers, "

@@ -39,7 +39,23 @@ class MeanCentre(LayerNormaliser):
         return (x - jnp.mean(x, axis=-1, keepdims=True)) * gamma + beta
 
 
-LAYER_NORMALISERS = make_registry(LayerNormaliser, LayerNorm, MeanCentre)
+class RmsNorm(LayerNormaliser):
+    """Root-mean-square normalisation, the normaliser of Llama-family decoders.
+
+    Llama's RMSNorm has no shift: the decoder passes beta = 0.0. Beta stays in the signature so
+    that every layer normaliser fits every normaliser slot.
+    """
+
+    name = "rmsnorm"
+    formula = "x / sqrt(mean(x^2) + eps) * gamma + beta"
+    primitives = "one element-wise square, one reciprocal square root per row"
+
+    def __call__(self, x, gamma, beta, eps):
+        mean_square = jnp.mean(x * x, axis=-1, keepdims=True)
+        return x * jax.lax.rsqrt(mean_square + eps) * gamma + beta
+
+
+LAYER_NORMALISERS = make_registry(LayerNormaliser, LayerNorm, MeanCentre, RmsNorm)
 
 
 def layer_normaliser(name: str) -> LayerNormaliser:
