@@ -51,31 +51,100 @@ def cmd_baseline(args) -> int:
     return 0
 
 
+def _tls_files(args, need_certificate: bool):
+    """Build TLSFiles from --tls-ca, --tls-cert and --tls-key; return None when none is given."""
+    from cipherprompt.secure.tls import TLSFiles
+
+    given = [args.tls_ca, getattr(args, "tls_cert", None), getattr(args, "tls_key", None)]
+    if not any(given):
+        return None
+    if args.tls_ca is None:
+        raise ValueError("TLS needs --tls-ca, the CA certificate that signs the peer's")
+    files = TLSFiles(args.tls_ca, getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
+    if need_certificate and not files.has_certificate:
+        raise ValueError("mutual TLS needs this side's --tls-cert and --tls-key besides --tls-ca")
+    return files
+
+
 def cmd_serve(args) -> int:
     from cipherprompt.secure.engine import EngineConfig
+    from cipherprompt.secure.handshake import parse_buckets
+    from cipherprompt.secure.logs import use_formatter
+    from cipherprompt.secure.party import DEFAULT_CONNECT_TIMEOUT_S
     from cipherprompt.secure.server import ModelServer, ServerConfig
 
-    config = ServerConfig(host=args.host, port=args.port, max_sessions=args.max_sessions,
-                          idle_timeout_s=args.idle_timeout, work_dir=args.work_dir / "server")
+    use_formatter(args.log_json)
+    if args.buckets is not None and args.max_len is not None:
+        raise ValueError("pass either --max-len or --buckets; --max-len N is the same as "
+                         "--buckets N")
+    config = ServerConfig(
+        host=args.host, port=args.port, max_sessions=args.max_sessions,
+        idle_timeout_s=args.idle_timeout, work_dir=args.work_dir / "server",
+        buckets=parse_buckets(args.buckets) if args.buckets is not None else None,
+        link_timeout_s=args.link_timeout,
+        link_connect_timeout_s=min(DEFAULT_CONNECT_TIMEOUT_S, args.link_timeout),
+        shutdown_grace_s=args.shutdown_grace,
+        tls=_tls_files(args, need_certificate=True),
+    )
     server = ModelServer(args.checkpoint, config, EngineConfig(protocol=args.protocol),
                          max_len=args.max_len)
     host, port = server.bind()
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     print(f"listening on {host}:{port}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        server.stop()
+    server.serve_forever()
     return 0
+
+
+def _read_texts(args) -> list[str]:
+    """Collect the texts to classify: arguments, then --file contents; '-' reads standard input."""
+    texts = []
+    for index, text in enumerate(args.texts):
+        if text == "-":
+            texts.append(_decode_text(sys.stdin.buffer.read(), "standard input"))
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"text argument {index + 1} is not valid UTF-8; pass the text in a UTF-8 file "
+                "with --file PATH instead"
+            ) from None
+        texts.append(text)
+    for path in args.file or ():
+        try:
+            data = Path(path).read_bytes()
+        except OSError as error:
+            raise OSError(error.errno, f"cannot read --file {path}: {error.strerror}") from None
+        texts.append(_decode_text(data, f"--file {path}"))
+    if not texts:
+        raise ValueError("no text to classify; pass texts as arguments, --file PATH, or '-' "
+                         "for standard input")
+    return texts
+
+
+def _decode_text(data: bytes, source: str) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{source} is not valid UTF-8: byte 0x{data[error.start]:02x} at offset "
+            f"{error.start} ({error.reason}); convert it to UTF-8, e.g. with "
+            "'iconv -f latin1 -t utf-8'"
+        ) from None
+    return text.removesuffix("\n").removesuffix("\r")
 
 
 def cmd_classify(args) -> int:
     from cipherprompt.secure.client import PrivateClassifier
     from cipherprompt.secure.cost import format_cost_table, write_cost
 
+    texts = _read_texts(args)
     with PrivateClassifier(args.server, work_dir=args.work_dir / "client",
-                           expected_plan=args.plan) as client:
-        for index, text in enumerate(args.texts):
+                           expected_plan=args.plan, expected_model=args.model,
+                           expected_weights_sha256=args.model_sha256,
+                           tls=_tls_files(args, need_certificate=True),
+                           link_timeout_s=args.link_timeout) as client:
+        for index, text in enumerate(texts):
             prediction = client.classify(text, truncate=args.truncate,
                                          progress=_stage_progress(client))
             probabilities = ", ".join(
@@ -85,12 +154,13 @@ def cmd_classify(args) -> int:
             print(f"{prediction.label_name}  ({probabilities})")
             print(format_cost_table(prediction.cost))
             if args.json is not None:
-                path = args.json if len(args.texts) == 1 else args.json.with_name(
+                path = args.json if len(texts) == 1 else args.json.with_name(
                     f"{args.json.stem}-{index}{args.json.suffix}")
                 write_cost(path, prediction.cost, {
                     "label": prediction.label_name,
                     "probabilities": prediction.probabilities.tolist(),
                     "num_tokens": prediction.num_tokens,
+                    "bucket": prediction.bucket,
                     "max_len": client.max_len,
                     "plan": client.plan.name,
                 })
@@ -110,10 +180,30 @@ def _stage_progress(client):
 
 
 def cmd_health(args) -> int:
+    import json
+
     from cipherprompt.secure.launch import check_health
 
-    status = check_health(args.server, timeout_s=args.timeout)
-    print(" ".join(f"{key}={value}" for key, value in status.items()))
+    status = check_health(args.server, timeout_s=args.timeout,
+                          tls=_tls_files(args, need_certificate=False))
+    if args.json:
+        print(json.dumps(status))
+    else:
+        print(" ".join(f"{key}={value}" for key, value in status.items()
+                       if not isinstance(value, (list, dict))))
+    return 0 if status.get("status") == "serving" else 1
+
+
+def cmd_make_certs(args) -> int:
+    from cipherprompt.secure.tls import make_certificates
+
+    hosts = tuple(args.host or ("localhost", "127.0.0.1"))
+    written = make_certificates(args.out, hosts=hosts, days=args.days, force=args.force)
+    print("wrote " + ", ".join(str(path) for path in written))
+    print(f"server: cipherprompt serve --tls-ca {args.out / 'ca.crt'} --tls-cert "
+          f"{args.out / 'server.crt'} --tls-key {args.out / 'server.key'} ...")
+    print(f"client: cipherprompt classify --tls-ca {args.out / 'ca.crt'} --tls-cert "
+          f"{args.out / 'client.crt'} --tls-key {args.out / 'client.key'} ...")
     return 0
 
 
@@ -165,6 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
     baseline.add_argument("--seed", type=int, default=0, help="split seed")
     baseline.set_defaults(handler=cmd_baseline)
 
+    from cipherprompt.train.distill import add_parser as add_distill_parser
+
+    add_distill_parser(commands)
+
+    def tls_options(sub, certificate_help: str | None):
+        sub.add_argument("--tls-ca", type=Path, default=None,
+                         help="PEM CA certificate that signs the peer's certificate; turns on TLS")
+        if certificate_help is not None:
+            sub.add_argument("--tls-cert", type=Path, default=None,
+                             help=f"PEM certificate of this {certificate_help}")
+            sub.add_argument("--tls-key", type=Path, default=None,
+                             help="PEM private key of --tls-cert")
+
     serve = commands.add_parser("serve", help="run the server role for a checkpoint")
     work_dir_option(serve)
     serve.add_argument("--checkpoint", type=Path,
@@ -173,31 +276,73 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=7870, help="TCP port (default: %(default)s)")
     serve.add_argument("--max-len", type=int, default=None,
-                       help="sequence length in tokens (default: the checkpoint's)")
+                       help="one sequence length in tokens (default: the checkpoint's); "
+                            "same as --buckets N")
+    serve.add_argument("--buckets", default=None,
+                       help="sequence lengths in tokens, comma-separated, e.g. 16,32,64: one "
+                            "program each; clients pad to the smallest that fits")
     serve.add_argument("--max-sessions", type=int, default=1,
                        help="sessions at once; more clients get 'busy' (default: %(default)s)")
     serve.add_argument("--idle-timeout", type=float, default=600.0,
-                       help="seconds a session may wait for the client (default: %(default)s)")
+                       help="seconds a session may wait for the client's next request "
+                            "(default: %(default)s)")
+    serve.add_argument("--link-timeout", type=float, default=600.0,
+                       help="seconds one step on SPU's link may wait for the client before the "
+                            "session fails (default: %(default)s)")
+    serve.add_argument("--shutdown-grace", type=float, default=60.0,
+                       help="seconds running queries may take to finish after SIGTERM "
+                            "(default: %(default)s)")
+    serve.add_argument("--log-json", action="store_true",
+                       help="write log lines as JSON objects, one per line")
     serve.add_argument("--protocol", default="CHEETAH", choices=["CHEETAH", "SEMI2K", "REF2K"],
                        help="SPU protocol; REF2K has no cryptography (default: %(default)s)")
+    tls_options(serve, "server")
     serve.set_defaults(handler=cmd_serve)
 
     classify = commands.add_parser("classify", help="classify texts privately (client role)")
     work_dir_option(classify)
     classify.add_argument("--server", required=True, help="server address HOST:PORT")
     classify.add_argument("--truncate", action="store_true",
-                          help="truncate texts longer than the server's sequence length")
+                          help="truncate texts longer than the server's largest length bucket")
     classify.add_argument("--plan", default=None,
-                          help="refuse to run unless the server's operator plan has this name")
+                          help="reject the session unless the server's operator plan has this "
+                               "name")
+    classify.add_argument("--model", default=None,
+                          help="reject the session unless the server's model has this name")
+    classify.add_argument("--model-sha256", default=None,
+                          help="reject the session unless the server's weights have this SHA-256")
+    classify.add_argument("--link-timeout", type=float, default=600.0,
+                          help="seconds one step on SPU's link may wait for the server "
+                               "(default: %(default)s)")
+    classify.add_argument("--file", type=Path, action="append", default=None,
+                          help="classify the whole UTF-8 content of this file as one text; "
+                               "may be repeated")
     classify.add_argument("--json", type=Path, default=None,
                           help="write the prediction and cost of each query as JSON here")
-    classify.add_argument("texts", nargs="+", help="texts to classify")
+    tls_options(classify, "client")
+    classify.add_argument("texts", nargs="*", help="texts to classify; '-' reads standard input")
     classify.set_defaults(handler=cmd_classify)
 
     health = commands.add_parser("health", help="ask a server whether it is serving")
     health.add_argument("--server", required=True, help="server address HOST:PORT")
     health.add_argument("--timeout", type=float, default=10.0, help="seconds (default: 10)")
+    health.add_argument("--json", action="store_true", help="print the whole status as JSON")
+    tls_options(health, None)
     health.set_defaults(handler=cmd_health)
+
+    certs = commands.add_parser("make-certs",
+                                help="make a CA, a server and a client certificate for TLS")
+    certs.add_argument("--out", type=Path, required=True, help="folder for the PEM files")
+    certs.add_argument("--host", action="append", default=None,
+                       help="DNS name or IP address the server certificate names; may be "
+                            "repeated (default: localhost and 127.0.0.1)")
+    certs.add_argument("--days", type=int, default=365, help="validity (default: %(default)s)")
+    certs.add_argument("--force", action="store_true", help="replace existing files in --out")
+    certs.set_defaults(handler=cmd_make_certs)
+
+    from cipherprompt.bench.estimate import add_parser as add_estimate_parser
+
+    add_estimate_parser(commands)
     return parser
 
 

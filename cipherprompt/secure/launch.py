@@ -3,24 +3,35 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from cipherprompt.secure.tls import TLSFiles, client_context
 from cipherprompt.secure.wire import parse_address, recv_message, send_message
 
 log = logging.getLogger(__name__)
 
 
-def check_health(address: str, timeout_s: float = 10.0) -> dict:
-    """Ask the server at ``address`` for its status; raise OSError when it does not answer."""
+def check_health(address: str, timeout_s: float = 10.0, tls: TLSFiles | None = None) -> dict:
+    """Ask the server at ``address`` for its status; raise OSError when it does not reply.
+
+    A TLS server accepts a probe without a client certificate; ``tls`` needs only the CA.
+    """
     host, port = parse_address(address)
-    with socket.create_connection((host, port), timeout=timeout_s) as connection:
-        connection.settimeout(timeout_s)
-        send_message(connection, "health")
-        return recv_message(connection, "health").payload
+    with socket.create_connection((host, port), timeout=timeout_s) as raw:
+        connection = raw
+        if tls is not None:
+            connection = client_context(tls).wrap_socket(raw, server_hostname=host)
+        try:
+            connection.settimeout(timeout_s)
+            send_message(connection, "health")
+            return recv_message(connection, "health").payload
+        finally:
+            connection.close()
 
 
 def free_local_port() -> int:
@@ -37,12 +48,17 @@ class ServerProcess:
     """
 
     def __init__(self, checkpoint: Path, work_dir: Path, port: int = 0,
-                 extra_args: tuple[str, ...] = (), start_timeout_s: float = 300.0):
+                 extra_args: tuple[str, ...] = (), start_timeout_s: float = 300.0,
+                 env: dict[str, str] | None = None, health_tls: TLSFiles | None = None):
         self.checkpoint = Path(checkpoint)
         self.work_dir = Path(work_dir)
         self.port = port or free_local_port()
         self.extra_args = extra_args
         self.start_timeout_s = start_timeout_s
+        # Variables added to this process's environment for the server.
+        self.env = env
+        # CA for the readiness probe of a TLS server.
+        self.health_tls = health_tls
         self.log_path = self.work_dir / "server.log"
         self.process: subprocess.Popen | None = None
 
@@ -56,8 +72,10 @@ class ServerProcess:
                    str(self.checkpoint), "--host", "127.0.0.1", "--port", str(self.port),
                    "--work-dir", str(self.work_dir), *self.extra_args]
         log.info("starting the server process on %s (log: %s)", self.address, self.log_path)
+        env = None if self.env is None else {**os.environ, **self.env}
         with open(self.log_path, "ab") as server_log:
-            self.process = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT,
+                                            env=env)
         try:
             self._wait_until_listening()
         except BaseException:
@@ -75,7 +93,7 @@ class ServerProcess:
                 raise RuntimeError(f"the server process exited with code "
                                    f"{self.process.returncode}; see {self.log_path}")
             try:
-                check_health(self.address, timeout_s=5.0)
+                check_health(self.address, timeout_s=5.0, tls=self.health_tls)
                 return
             except OSError:
                 time.sleep(0.5)

@@ -9,11 +9,14 @@ itself runs on SPU's own link.
 from __future__ import annotations
 
 import json
+import select
 import socket
+import ssl
 import struct
 from dataclasses import dataclass, field
 
-PROTOCOL_VERSION = 1
+# Version 2: model identity, plan hash and length buckets in the handshake; bucket per query.
+PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 1 << 20
 MAX_BLOB_BYTES = 1 << 30
 
@@ -31,14 +34,19 @@ class Message:
     kind: str
     payload: dict = field(default_factory=dict)
     blobs: list[bytes] = field(default_factory=list)
+    # Bytes the frame took on the connection: length prefix, header and blobs.
+    size: int = 0
 
 
 def send_message(sock: socket.socket, kind: str, payload: dict | None = None,
-                 blobs: list[bytes] | tuple = ()) -> None:
+                 blobs: list[bytes] | tuple = ()) -> int:
+    """Send one frame; return the number of bytes it took on the connection."""
     header = json.dumps(
         {"kind": kind, "payload": payload or {}, "blobs": [len(blob) for blob in blobs]}
     ).encode()
-    sock.sendall(struct.pack(">I", len(header)) + header + b"".join(blobs))
+    frame = struct.pack(">I", len(header)) + header + b"".join(blobs)
+    sock.sendall(frame)
+    return len(frame)
 
 
 def _recv_exact(sock: socket.socket, count: int, what: str) -> bytes:
@@ -75,7 +83,18 @@ def recv_message(sock: socket.socket, expected: str | tuple[str, ...] | None = N
         allowed = (expected,) if isinstance(expected, str) else expected
         if kind not in allowed:
             raise ProtocolError(f"expected a {' or '.join(allowed)} message, got {kind!r}")
-    return Message(kind, payload, blobs)
+    return Message(kind, payload, blobs, 4 + length + sum(sizes))
+
+
+def wait_readable(sock: socket.socket, timeout_s: float) -> bool:
+    """Wait until ``sock`` has data or end-of-stream to read; return False on timeout.
+
+    A TLS socket may hold decrypted bytes that ``select`` cannot see, so those count first.
+    """
+    if isinstance(sock, ssl.SSLSocket) and sock.pending() > 0:
+        return True
+    readable, _, _ = select.select([sock], [], [], max(timeout_s, 0.0))
+    return bool(readable)
 
 
 def parse_address(text: str) -> tuple[str, int]:
