@@ -1,0 +1,978 @@
+"""Cost estimate for a pilot: project measured per-operator costs to another model and network.
+
+The input is one or more cost files written by the product (``QueryCost.to_dict()``: per stage,
+per SPU operator, seconds, bytes and messages). Each operator's cost in a stage is divided by a
+cost driver, a count that the operator's work grows with under CHEETAH, to give a unit cost. The
+projection multiplies the unit costs by the drivers of the target model and sequence length, then
+adds the network terms:
+
+    time per query = compute seconds + bytes / bandwidth + rounds x round-trip time
+
+``ASSUMPTIONS`` states every rule, and the report prints them. The projection is an estimate.
+Its self-check compares it with measured configurations that were left out of the fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model shapes and networks
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The public architecture numbers that the cost drivers depend on."""
+
+    name: str
+    hidden: int
+    heads: int
+    kv_heads: int  # fewer than heads for grouped-query attention
+    ffn: int
+    layers: int
+    vocab: int
+    gated_ffn: bool = False  # SwiGLU: three FFN matrices instead of two
+
+    def __post_init__(self) -> None:
+        for label in ("hidden", "heads", "kv_heads", "ffn", "layers", "vocab"):
+            value = getattr(self, label)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"model {self.name!r}: {label} must be a positive integer, "
+                                 f"got {value!r}")
+        if self.hidden % self.heads != 0:
+            raise ValueError(f"model {self.name!r}: hidden size {self.hidden} is not divisible "
+                             f"by the {self.heads} heads")
+        if self.heads % self.kv_heads != 0:
+            raise ValueError(f"model {self.name!r}: {self.heads} heads are not a multiple of "
+                             f"the {self.kv_heads} key/value heads")
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden // self.heads
+
+    def describe(self, lang: str = "en") -> str:
+        if lang == "ja":
+            heads = f"{self.heads} ヘッド" + (
+                f" (KV {self.kv_heads})" if self.kv_heads != self.heads else "")
+            gated = " (ゲート付き)" if self.gated_ffn else ""
+            return (f"{self.name}: hidden {self.hidden}、{heads}、FFN {self.ffn}{gated}、"
+                    f"{self.layers} レイヤー、語彙 {self.vocab:,}")
+        heads = f"{self.heads} heads" + (
+            f" ({self.kv_heads} KV)" if self.kv_heads != self.heads else "")
+        gated = " gated" if self.gated_ffn else ""
+        return (f"{self.name}: hidden {self.hidden}, {heads}, FFN {self.ffn}{gated}, "
+                f"{self.layers} layers, vocabulary {self.vocab:,}")
+
+
+MODEL_PRESETS: dict[str, ModelShape] = {
+    shape.name: shape
+    for shape in (
+        ModelShape("minilm-l6", hidden=384, heads=12, kv_heads=12, ffn=1536, layers=6,
+                   vocab=30522),
+        ModelShape("bert-base", hidden=768, heads=12, kv_heads=12, ffn=3072, layers=12,
+                   vocab=30522),
+        ModelShape("bert-large", hidden=1024, heads=16, kv_heads=16, ffn=4096, layers=24,
+                   vocab=30522),
+        ModelShape("smollm2-135m", hidden=576, heads=9, kv_heads=3, ffn=1536, layers=30,
+                   vocab=49152, gated_ffn=True),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Network:
+    """A link between client and server. Loopback adds nothing to the measured seconds."""
+
+    name: str
+    bandwidth_bit_s: float  # math.inf for loopback
+    rtt_s: float
+
+    def __post_init__(self) -> None:
+        if not self.bandwidth_bit_s > 0:
+            raise ValueError(f"network {self.name!r}: bandwidth must be positive, got "
+                             f"{self.bandwidth_bit_s!r} bit/s")
+        if not self.rtt_s >= 0:
+            raise ValueError(f"network {self.name!r}: round-trip time must not be negative, "
+                             f"got {self.rtt_s!r} s")
+
+    def describe(self) -> str:
+        if math.isinf(self.bandwidth_bit_s):
+            return "as measured"
+        return f"{_format_bandwidth(self.bandwidth_bit_s)}, RTT {self.rtt_s * 1000:g} ms"
+
+
+NETWORK_PRESETS: dict[str, Network] = {
+    network.name: network
+    for network in (
+        Network("loopback", math.inf, 0.0),
+        Network("lan", 3e9, 0.001),
+        Network("wan", 100e6, 0.040),
+    )
+}
+
+
+def model_preset(name: str) -> ModelShape:
+    try:
+        return MODEL_PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; valid presets: "
+                         f"{', '.join(MODEL_PRESETS)}, custom") from None
+
+
+def network_preset(name: str) -> Network:
+    try:
+        return NETWORK_PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown network preset {name!r}; valid presets: "
+                         f"{', '.join(NETWORK_PRESETS)}, custom") from None
+
+
+def custom_network(bandwidth_mbit_s: float | None, rtt_ms: float | None) -> Network:
+    """A network from --bandwidth-mbit and --rtt-ms; both must be given and positive."""
+    for label, value in (("--bandwidth-mbit", bandwidth_mbit_s), ("--rtt-ms", rtt_ms)):
+        if value is None:
+            raise ValueError(f"--network custom needs {label}")
+        if not value > 0:
+            raise ValueError(f"{label} must be positive, got {value!r}; to keep the measured "
+                             "link as it is, use --network loopback")
+    return Network("custom", bandwidth_mbit_s * 1e6, rtt_ms / 1000)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost drivers and scaling rules
+
+# Each SPU operator of a stage scales with one driver for seconds and one for bytes. Operators
+# not listed scale with HIDDEN_ELEMENTS, and so does the part of a stage's total that no
+# operator row accounts for.
+MATMUL_IO = "server-weight matrix products: input + output elements"
+ATTENTION_MACS = "attention products: multiply-accumulates"
+ATTENTION_IO = "attention products: operand + output elements"
+EMBEDDING_IO = "embedding product: seq x (vocab + hidden)"
+FFN_ELEMENTS = "FFN activation elements: seq x ffn"
+SCORE_ELEMENTS = "attention score elements: heads x seq^2"
+SCORE_ROWS = "attention score rows: heads x seq"
+NORM_ROWS = "normalised rows: 2 x seq"
+MULTIPLY_ELEMENTS = "element-wise products: 6 seq x ffn + 5 heads x seq^2 + 6 seq x hidden"
+HIDDEN_ELEMENTS = "hidden-state elements: seq x hidden"
+
+OTHER_OPERATOR = "(rest of stage)"
+
+LAYER_RULES: dict[str, tuple[str, str]] = {
+    "dot": (MATMUL_IO, MATMUL_IO),
+    "dot_general": (ATTENTION_MACS, ATTENTION_IO),
+    "tanh": (FFN_ELEMENTS, FFN_ELEMENTS),
+    "exponential": (SCORE_ELEMENTS, SCORE_ELEMENTS),
+    "less": (SCORE_ELEMENTS, SCORE_ELEMENTS),
+    "reduce": (SCORE_ELEMENTS, SCORE_ELEMENTS),
+    "reciprocal": (SCORE_ROWS, SCORE_ROWS),
+    "rsqrt": (NORM_ROWS, NORM_ROWS),
+    "multiply": (MULTIPLY_ELEMENTS, MULTIPLY_ELEMENTS),
+}
+EMBEDDING_RULES: dict[str, tuple[str, str]] = {"dot": (EMBEDDING_IO, EMBEDDING_IO)}
+HEAD_RULES: dict[str, tuple[str, str]] = {}
+STAGE_RULES = {"embedding": EMBEDDING_RULES, "layer": LAYER_RULES, "head": HEAD_RULES}
+STAGE_KINDS = tuple(STAGE_RULES)
+
+ASSUMPTIONS: dict[str, tuple[str, ...]] = {
+    "en": (
+        ("Unit costs are seconds and bytes per driver unit, measured per SPU operator and stage "
+         "kind (embedding, average layer, head), pooled over all fitted measurements."),
+        ("Products with a server-owned weight (`dot`, HE): seconds and bytes scale with "
+         "seq x (d_in + d_out), the input and output elements. CHEETAH sends the encrypted "
+         "input and returns the masked output while the weight stays with the server. Seconds "
+         "are assumed to follow the same count (encryption, NTT, truncation) rather than "
+         "seq x d_in x d_out. In two demo runs of MiniLM the embedding product had 6.6 times "
+         "the multiply-accumulates of one layer's six products but took 1.7 to 2.9 times as "
+         "long."),
+        ("Attention products of two secrets (`dot_general`): seconds scale with 2 x heads x "
+         "seq^2 x head_dim, bytes with the operand and output elements, 2 x heads x seq^2 + 4 x "
+         "heads x seq x head_dim."),
+        ("Embedding as one-hot x table, priced like the other products: seconds and bytes "
+         "scale with seq x (vocab + hidden)."),
+        ("Non-linear operators (OT) cost the same per element whatever tensor they apply to. "
+         "`tanh` applies to seq x ffn (GELU), `exponential`, `less` and `reduce` to heads x "
+         "seq^2 (softmax), `reciprocal` to heads x seq (one per row) and `rsqrt` to 2 x seq "
+         "(two LayerNorms)."),
+        ("`multiply` is split by counting the element-wise products of one exact-plan layer: 6 "
+         "on the FFN tensor (GELU tanh form), 5 on the score tensor (mask, scale, normalise) and "
+         "6 on the hidden tensor (two LayerNorms). Every product is assumed to cost the same per "
+         "element."),
+        ("Other operators, and the part of a stage that no operator row accounts for, scale with "
+         "seq x hidden. The head stage scales wholly with seq x hidden."),
+        ("Messages per stage are assumed not to grow with tensor size, and the number of layers "
+         "multiplies them. This is the weakest rule. Identical demo queries sent 27,237 and "
+         "22,234 messages, because bursts of thousands land in whichever operator is running "
+         "(the embedding product sent 6,408 in one query and 126 in the next). If these bursts "
+         "refill the OT correlation pool, as they appear to, rounds grow with the OT work and "
+         "the projection understates them for larger models. Rounds = messages / 2, each "
+         "paying one round-trip time, an upper bound when messages are pipelined."),
+        ("Traffic in both directions shares one link: transfer time = (bytes sent + received) / "
+         "bandwidth."),
+        ("Compute seconds are the seconds measured on the source machine, scaled. On the "
+         "loopback preset they are the whole time. Other presets add the transfer and latency "
+         "terms on top, so the loopback transfer is counted twice (a small overestimate)."),
+        ("The target runs the same operator plan, SPU version and protocol settings as the "
+         "source measurement, on a machine like the source machine."),
+        ("A gated FFN (SwiGLU) has three FFN matrices and one more product on seq x ffn. Its "
+         "SiLU is costed per element as the measured GELU `tanh`. SPU compiles SiLU into exp "
+         "and reciprocal, so this part is the least certain."),
+        ("A decoder is costed for one forward pass over the prompt (prefill) with the source's "
+         "classifier head. Generating tokens (an LM head over the vocabulary, one pass per "
+         "token) is not included."),
+        "1,000 queries run one after another on one server worker.",
+    ),
+    "ja": (
+        ("単位コストは、SPU の演算子ごと・段階の種類ごと (埋め込み、レイヤー平均、ヘッド) に、"
+         "コスト要因 1 単位あたりの秒数とバイト数として計測値から求め、当てはめに使った全計測で"
+         "合算した。"),
+        ("サーバーが持つ重みとの行列積 (`dot`、HE): 秒数もバイト数も入出力の要素数 "
+         "seq x (d_in + d_out) に比例する。CHEETAH では重みがサーバーに留まり、"
+         "暗号化した入力とマスクした出力だけが送られる。秒数も seq x d_in x d_out "
+         "ではなく同じ要素数 (暗号化、NTT、切り捨て) に従うと仮定した: MiniLM のデモ 2 回"
+         "では、埋め込みの積は 1 レイヤー分の 6 つの積の 6.6 倍の積和演算を含むが、"
+         "かかった時間は 1.7-2.9 倍だった。"),
+        ("秘密値どうしの注意機構の積 (`dot_general`): 秒数は 2 x heads x seq^2 x head_dim に、"
+         "バイト数はオペランドと出力の要素数 2 x heads x seq^2 + 4 x heads x seq x head_dim "
+         "に比例する。"),
+        ("埋め込みは one-hot x 表の積として他の行列積と同様に扱う: 秒数もバイト数も "
+         "seq x (vocab + hidden) に比例する。"),
+        ("非線形演算子 (OT) の要素あたりのコストは、適用先のテンソルによらず同じとする: "
+         "`tanh` は seq x ffn (GELU)、`exponential`・`less`・`reduce` は heads x seq^2 "
+         "(softmax)、`reciprocal` は heads x seq (行ごとに 1 回)、`rsqrt` は 2 x seq "
+         "(LayerNorm 2 回)。"),
+        ("`multiply` は exact プランの 1 レイヤーに含まれる要素積を数えて振り分ける: FFN "
+         "テンソルに 6 回 (GELU の tanh 形)、スコアテンソルに 5 回 (マスク、スケール、正規化)、"
+         "隠れ状態に 6 回 (LayerNorm 2 回)。要素あたりのコストはどの積も同じとする。"),
+        ("その他の演算子と、どの演算子行にも計上されない段階の残りは seq x hidden に比例する。"
+         "ヘッドの段階は全体が seq x hidden に比例する。"),
+        ("段階あたりのメッセージ数はテンソルの大きさによらないと仮定し、レイヤー数を"
+         "掛ける。これが最も弱い前提である。同じ内容のデモのクエリでもメッセージ数は "
+         "27,237 と 22,234 と異なり、数千件のまとまった送信がその時に動いている演算子に"
+         "計上される (埋め込みの積で、あるクエリでは 6,408 件、次のクエリでは 126 件)。"
+         "これが見かけどおり OT の相関プールの補充なら、往復回数は OT の仕事量とともに増え、"
+         "大きなモデルでは見積もりが過小になる。往復回数 = メッセージ数 / 2 とし、1 往復"
+         "ごとに RTT を 1 回払う。メッセージがパイプライン化される場合は上限値となる。"),
+        "両方向の通信は 1 本の回線を共有する: 転送時間 = (送信 + 受信バイト数) / 帯域幅。",
+        ("計算時間は元の計測マシンで計測した秒数を拡大縮小したもの。ループバックではこれが"
+         "全時間となる。他のネットワークではその上に転送時間と遅延を加えるため、ループバック"
+         "上の転送を二重に数える (わずかな過大評価)。"),
+        ("対象モデルは、元の計測と同じ演算子プラン・SPU バージョン・プロトコル設定で、同等の"
+         "マシン上で動くとする。"),
+        ("ゲート付き FFN (SwiGLU) は FFN 行列が 3 つで、seq x ffn の要素積が 1 回多い。SiLU の"
+         "要素あたりのコストは計測した GELU の `tanh` と同じとする。SPU は SiLU を exp と "
+         "reciprocal に変換するため、この部分が最も不確か。"),
+        ("デコーダーはプロンプト全体を 1 回通す順伝播 (prefill) と、元の計測と同じ分類ヘッドで"
+         "見積もる。トークン生成 (語彙全体への LM ヘッド、1 トークンごとに 1 回の順伝播) は"
+         "含まない。"),
+        "1,000 クエリは 1 つのサーバーワーカー上で 1 件ずつ順に処理する。",
+    ),
+}
+
+
+def stage_kind(stage: str) -> str:
+    """Map a stage name of the cost file to its kind: embedding, layer or head."""
+    if stage == "embedding" or stage == "head":
+        return stage
+    if re.fullmatch(r"layer\d+", stage):
+        return "layer"
+    raise ValueError(f"unknown stage name {stage!r}; expected embedding, layer0..layerN or head")
+
+
+def stage_drivers(kind: str, shape: ModelShape, seq: int) -> dict[str, float]:
+    """Return the cost drivers of one stage of ``kind`` for ``shape`` at sequence length ``seq``."""
+    d, f, h, v = shape.hidden, shape.ffn, shape.heads, shape.vocab
+    kv_width = shape.kv_heads * shape.head_size
+    ffn_matrices = 3 if shape.gated_ffn else 2
+    drivers = {HIDDEN_ELEMENTS: float(seq * d)}
+    if kind == "embedding":
+        drivers[EMBEDDING_IO] = float(seq * (v + d))
+    elif kind == "layer":
+        # Query and output projections are d x d, key and value d x kv_width.
+        drivers[MATMUL_IO] = float(seq * (2 * 2 * d + 2 * (d + kv_width)
+                                          + ffn_matrices * (d + f)))
+        drivers[ATTENTION_MACS] = float(2 * h * seq * seq * shape.head_size)
+        drivers[ATTENTION_IO] = float(2 * h * seq * seq + 4 * h * seq * shape.head_size)
+        drivers[FFN_ELEMENTS] = float(seq * f)
+        drivers[SCORE_ELEMENTS] = float(h * seq * seq)
+        drivers[SCORE_ROWS] = float(h * seq)
+        drivers[NORM_ROWS] = float(2 * seq)
+        # NOTE: counted in the JAX source of the exact plan. XLA may fold some constant factors
+        # before SPU compiles the program, which would shift the split between the three tensors.
+        ffn_products = 7 if shape.gated_ffn else 6
+        drivers[MULTIPLY_ELEMENTS] = float(ffn_products * seq * f + 5 * h * seq * seq
+                                           + 6 * seq * d)
+    elif kind != "head":
+        raise ValueError(f"unknown stage kind {kind!r}; expected one of {STAGE_KINDS}")
+    return drivers
+
+
+def operator_drivers(kind: str, operator: str) -> tuple[str, str]:
+    """Return the (seconds driver, bytes driver) of ``operator`` in a stage of ``kind``."""
+    return STAGE_RULES[kind].get(operator, (HIDDEN_ELEMENTS, HIDDEN_ELEMENTS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+
+@dataclass(frozen=True)
+class OperatorTotals:
+    seconds: float = 0.0
+    bytes: float = 0.0
+
+    def __add__(self, other: OperatorTotals) -> OperatorTotals:
+        return OperatorTotals(self.seconds + other.seconds, self.bytes + other.bytes)
+
+
+@dataclass
+class StageTotals:
+    """One stage kind of a measurement, summed over its stages (all layers for ``layer``)."""
+
+    count: int = 0
+    seconds: float = 0.0
+    bytes: float = 0.0
+    messages: float = 0.0
+    operators: dict[str, OperatorTotals] = field(default_factory=dict)
+
+
+@dataclass
+class Measurement:
+    """One cost file with the configuration it was measured on."""
+
+    path: Path
+    shape: ModelShape
+    seq: int
+    plan: str
+    machine: str
+    seconds: float
+    bytes: float
+    messages: float
+    stages: dict[str, StageTotals]
+
+    @property
+    def configuration(self) -> tuple[str, int]:
+        return (self.shape.name, self.seq)
+
+
+def _number(data: dict, key: str, where: str) -> float:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{where}: field {key!r} must be a non-negative number, got {value!r}")
+    return float(value)
+
+
+def _parse_stage(stage: dict, where: str) -> tuple[str, StageTotals]:
+    if not isinstance(stage, dict) or not isinstance(stage.get("stage"), str):
+        raise ValueError(f"{where}: each entry of 'stages' needs a string field 'stage'")
+    try:
+        kind = stage_kind(stage["stage"])
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    where = f"{where}, stage {stage['stage']}"
+    totals = StageTotals(count=1, seconds=_number(stage, "seconds", where),
+                         bytes=_number(stage, "bytes_sent", where)
+                         + _number(stage, "bytes_received", where),
+                         messages=_number(stage, "messages_sent", where)
+                         + _number(stage, "messages_received", where))
+    rows = stage.get("operators", [])
+    if not isinstance(rows, list):
+        raise ValueError(f"{where}: 'operators' must be a list")
+    for row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get("operator"), str):
+            raise ValueError(f"{where}: each operator row needs a string field 'operator'")
+        name = row["operator"]
+        row_where = f"{where}, operator {name}"
+        cost = OperatorTotals(_number(row, "seconds", row_where),
+                              _number(row, "bytes_sent", row_where)
+                              + _number(row, "bytes_received", row_where))
+        totals.operators[name] = totals.operators.get(name, OperatorTotals()) + cost
+    return kind, totals
+
+
+def load_measurement(path: Path, shape: ModelShape, seq: int, plan: str,
+                     machine: str) -> Measurement:
+    """Read one cost file. Fields ``model`` (a preset name), ``max_len``, ``plan`` and
+    ``machine`` in the file override the arguments, because they were recorded with it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"measurement file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"measurement file {path} is not readable JSON: {error}") from None
+    where = f"measurement file {path}"
+    if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
+        raise ValueError(f"{where}: expected a JSON object with a list 'stages', as "
+                         "QueryCost.to_dict() writes")
+
+    stages: dict[str, StageTotals] = {}
+    for stage in data["stages"]:
+        kind, totals = _parse_stage(stage, where)
+        merged = stages.setdefault(kind, StageTotals())
+        merged.count += totals.count
+        merged.seconds += totals.seconds
+        merged.bytes += totals.bytes
+        merged.messages += totals.messages
+        for name, cost in totals.operators.items():
+            merged.operators[name] = merged.operators.get(name, OperatorTotals()) + cost
+    if stages.get("layer") is None:
+        raise ValueError(f"{where}: no layer stages (layer0, layer1, ...) found")
+
+    if isinstance(data.get("model"), str):
+        shape = model_preset(data["model"])
+    if isinstance(data.get("max_len"), int):
+        seq = data["max_len"]
+    if isinstance(data.get("plan"), str):
+        plan = data["plan"]
+    if isinstance(data.get("machine"), dict):
+        machine = ", ".join(f"{key} {value}" for key, value in data["machine"].items())
+    elif isinstance(data.get("machine"), str):
+        machine = data["machine"]
+    if seq <= 0:
+        raise ValueError(f"{where}: sequence length must be positive, got {seq}")
+    if stages["layer"].count != shape.layers:
+        raise ValueError(f"{where}: {stages['layer'].count} layer stages, but the source model "
+                         f"{shape.name} has {shape.layers} layers; pass the right --source-model")
+
+    return Measurement(path=path, shape=shape, seq=seq, plan=plan, machine=machine,
+                       seconds=sum(s.seconds for s in stages.values()),
+                       bytes=sum(s.bytes for s in stages.values()),
+                       messages=sum(s.messages for s in stages.values()),
+                       stages=stages)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fit and projection
+
+
+@dataclass
+class UnitCosts:
+    """Per stage kind: per-operator (seconds/driver, bytes/driver) and messages per stage."""
+
+    operators: dict[str, dict[str, tuple[float, float]]]
+    messages_per_stage: dict[str, float]
+
+
+def _stage_residual(totals: StageTotals) -> OperatorTotals:
+    rows = OperatorTotals()
+    for cost in totals.operators.values():
+        rows = rows + cost
+    return OperatorTotals(totals.seconds - rows.seconds, totals.bytes - rows.bytes)
+
+
+def fit_unit_costs(measurements: list[Measurement]) -> UnitCosts:
+    """Pool unit costs over ``measurements``: sum of measured cost / sum of its driver."""
+    if not measurements:
+        raise ValueError("no measurements to fit unit costs on")
+    operators: dict[str, dict[str, tuple[float, float]]] = {}
+    messages: dict[str, float] = {}
+    for kind in STAGE_KINDS:
+        sums: dict[str, list[float]] = {}  # operator -> [seconds, s driver, bytes, b driver]
+        message_sum = stage_count = 0.0
+        for measurement in measurements:
+            totals = measurement.stages.get(kind)
+            if totals is None:
+                continue
+            drivers = stage_drivers(kind, measurement.shape, measurement.seq)
+            rows = dict(totals.operators)
+            rows[OTHER_OPERATOR] = _stage_residual(totals)
+            for name, cost in rows.items():
+                seconds_driver, bytes_driver = operator_drivers(kind, name)
+                entry = sums.setdefault(name, [0.0, 0.0, 0.0, 0.0])
+                entry[0] += cost.seconds
+                entry[1] += drivers[seconds_driver] * totals.count
+                entry[2] += cost.bytes
+                entry[3] += drivers[bytes_driver] * totals.count
+            message_sum += totals.messages
+            stage_count += totals.count
+        operators[kind] = {
+            name: (seconds / s_driver if s_driver else 0.0, bytes_ / b_driver if b_driver else 0.0)
+            for name, (seconds, s_driver, bytes_, b_driver) in sums.items()
+        }
+        messages[kind] = message_sum / stage_count if stage_count else 0.0
+    return UnitCosts(operators, messages)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Projected cost of one query, before the network is added."""
+
+    shape: ModelShape
+    seq: int
+    seconds: float
+    bytes: float
+    messages: float
+    bytes_by_stage: dict[str, float]
+    seconds_by_stage: dict[str, float]
+
+    @property
+    def rounds(self) -> float:
+        return self.messages / 2
+
+    def time_s(self, network: Network) -> float:
+        return self.seconds + self.transfer_s(network) + self.latency_s(network)
+
+    def transfer_s(self, network: Network) -> float:
+        return self.bytes * 8 / network.bandwidth_bit_s
+
+    def latency_s(self, network: Network) -> float:
+        return self.rounds * network.rtt_s
+
+
+def project(units: UnitCosts, shape: ModelShape, seq: int) -> Projection:
+    """Apply the unit costs to ``shape`` at sequence length ``seq``."""
+    if seq <= 0:
+        raise ValueError(f"sequence length must be positive, got {seq}")
+    stage_counts = {"embedding": 1, "layer": shape.layers, "head": 1}
+    seconds_by_stage: dict[str, float] = {}
+    bytes_by_stage: dict[str, float] = {}
+    messages = 0.0
+    for kind, rows in units.operators.items():
+        drivers = stage_drivers(kind, shape, seq)
+        seconds = bytes_ = 0.0
+        for name, (seconds_unit, bytes_unit) in rows.items():
+            seconds_driver, bytes_driver = operator_drivers(kind, name)
+            seconds += seconds_unit * drivers[seconds_driver]
+            bytes_ += bytes_unit * drivers[bytes_driver]
+        seconds_by_stage[kind] = seconds * stage_counts[kind]
+        bytes_by_stage[kind] = bytes_ * stage_counts[kind]
+        messages += units.messages_per_stage[kind] * stage_counts[kind]
+    return Projection(shape, seq, sum(seconds_by_stage.values()), sum(bytes_by_stage.values()),
+                      messages, bytes_by_stage, seconds_by_stage)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """Projection error on one measured configuration left out of the fit."""
+
+    held_out: tuple[str, int]
+    fitted_on: tuple[tuple[str, int], ...]
+    seconds_error: float  # (projected - measured) / measured
+    bytes_error: float
+    messages_error: float
+
+
+def _relative_error(projected: float, measured: list[float]) -> float:
+    mean = sum(measured) / len(measured)
+    return (projected - mean) / mean if mean else math.nan
+
+
+def self_check(measurements: list[Measurement]) -> list[CheckResult]:
+    """Leave out each measured configuration in turn, fit on the others and project it.
+
+    Returns an empty list when fewer than two configurations (model, sequence length) exist.
+    """
+    groups: dict[tuple[str, int], list[Measurement]] = {}
+    for measurement in measurements:
+        groups.setdefault(measurement.configuration, []).append(measurement)
+    if len(groups) < 2:
+        return []
+    results = []
+    for held_out, group in groups.items():
+        fit_on = [m for key, rows in groups.items() if key != held_out for m in rows]
+        units = fit_unit_costs(fit_on)
+        projected = project(units, group[0].shape, group[0].seq)
+        results.append(CheckResult(
+            held_out=held_out,
+            fitted_on=tuple(key for key in groups if key != held_out),
+            seconds_error=_relative_error(projected.seconds, [m.seconds for m in group]),
+            bytes_error=_relative_error(projected.bytes, [m.bytes for m in group]),
+            messages_error=_relative_error(projected.messages, [m.messages for m in group]),
+        ))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def _format_bandwidth(bit_s: float) -> str:
+    if bit_s >= 1e9:
+        return f"{bit_s / 1e9:g} Gbit/s"
+    return f"{bit_s / 1e6:g} Mbit/s"
+
+
+DURATION_UNITS = {
+    "en": ("s", "min", "h", "days"),
+    "ja": ("秒", "分", "時間", "日"),
+}
+
+
+def format_duration(seconds: float, lang: str = "en") -> str:
+    """Seconds as seconds, minutes, hours or days with three significant digits."""
+    second, minute, hour, day = DURATION_UNITS[lang]
+    for limit, unit, size in ((120, second, 1), (7200, minute, 60), (172800, hour, 3600)):
+        if seconds < limit:
+            return f"{seconds / size:.3g} {unit}"
+    days = seconds / 86400
+    return f"{days:.3g} {day}" if days < 1000 else f"{days:,.0f} {day}"
+
+
+def format_size(count: float) -> str:
+    """Bytes in decimal units (kB, MB, GB, TB) with three significant digits."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if count < 1000:
+            return f"{count:.3g} {unit}"
+        if unit == "TB":
+            return f"{count:,.0f} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
+
+
+def _format_error(error: float) -> str:
+    return f"{error * 100:+.1f}%"
+
+
+TEXT = {
+    "en": {
+        "title": "Cost estimate: private inference with CHEETAH (SPU 0.9.5)",
+        "question": "## Question",
+        "question_body": "What would one private query of **{model}** at **{seq} tokens** cost "
+                         "(time and traffic between client and server), and what would 1,000 "
+                         "queries cost, on each network?",
+        "answer": "## Answer",
+        "answer_body": "On **{network}**: **{time} per query** and **{traffic}** of traffic. "
+                       "1,000 queries take **{time_1000}** and move **{traffic_1000}**.",
+        "columns": ("network", "per query: time", "per query: traffic", "1,000 queries: time",
+                    "1,000 queries: traffic", "compute / transfer / latency"),
+        "target": "Target: {model}. Operator plan {plan}, as measured.",
+        "stages": "Traffic by stage: embedding {embedding}, layers {layer}, head {head}.",
+        "chart": "Chart: `{chart}`.",
+        "check": "## Self-check",
+        "check_body": "Unit costs fitted on {fitted}, projected to {held_out} and compared "
+                      "with its measurement: compute time {seconds}, traffic {bytes}, messages "
+                      "{messages}.",
+        "check_pending": "Pending a second measurement. All measurements share one "
+                         "configuration ({config}), so no configuration is left to check the "
+                         "projection against, and no projection error can be given yet. Measure "
+                         "another sequence length or model size and pass both files.",
+        "assumptions": "## Assumptions",
+        "sources": "## Source measurements",
+        "source_row": "`{path}`: {model}, {seq} tokens, plan {plan}; {seconds} and {traffic} "
+                      "per query, {messages:,} messages; machine: {machine}.",
+        "estimate_note": "All figures are estimates projected from the measurements below.",
+        "as_measured": "as measured",
+        "machine_unknown": "not recorded in the file (pass --source-machine)",
+    },
+    "ja": {
+        "title": "コスト見積もり: CHEETAH による秘匿推論 (SPU 0.9.5)",
+        "question": "## 問い",
+        "question_body": "**{model}** に **{seq} トークン** の秘匿クエリを 1 件送ると、"
+                         "クライアントとサーバーの間でどれだけの時間と通信量がかかるか。"
+                         "1,000 件ではどうか。ネットワークごとに見積もる。",
+        "answer": "## 答え",
+        "answer_body": "**{network}** では 1 クエリあたり **{time}**、通信量 **{traffic}**。"
+                       "1,000 クエリで **{time_1000}**、通信量 **{traffic_1000}**。",
+        "columns": ("ネットワーク", "1 クエリ: 時間", "1 クエリ: 通信量", "1,000 クエリ: 時間",
+                    "1,000 クエリ: 通信量", "計算 / 転送 / 遅延"),
+        "target": "対象: {model}。演算子プラン {plan} (計測時と同じ)。",
+        "stages": "段階別の通信量: 埋め込み {embedding}、全レイヤー {layer}、ヘッド {head}。",
+        "chart": "グラフ: `{chart}`。",
+        "check": "## 自己検証",
+        "check_body": "{fitted} で単位コストを求め、{held_out} へ外挿して実測と比べた誤差: "
+                      "計算時間 {seconds}、通信量 {bytes}、メッセージ数 {messages}。",
+        "check_pending": "2 つ目の計測待ち。すべての計測が同じ構成 ({config}) のため、"
+                         "外挿を照合できる構成が残っておらず、誤差はまだ示せない。"
+                         "別の系列長かモデルサイズで計測し、両方のファイルを渡すこと。",
+        "assumptions": "## 前提",
+        "sources": "## 元になった計測",
+        "source_row": "`{path}`: {model}、{seq} トークン、プラン {plan}。1 クエリあたり "
+                      "{seconds}、{traffic}、メッセージ {messages:,} 件。マシン: {machine}。",
+        "estimate_note": "数値はすべて下記の計測から外挿した見積もり。",
+        "as_measured": "計測どおり",
+        "machine_unknown": "ファイルに記録なし (--source-machine で指定)",
+    },
+}
+
+NETWORK_NAMES = {
+    "en": {"loopback": "loopback", "lan": "LAN", "wan": "WAN", "custom": "custom"},
+    "ja": {"loopback": "ループバック", "lan": "LAN", "wan": "WAN", "custom": "指定値"},
+}
+
+
+@dataclass
+class Estimate:
+    """Everything the report shows, computed once so every language prints the same numbers."""
+
+    projection: Projection
+    plan: str
+    networks: list[Network]
+    chosen: Network
+    checks: list[CheckResult]
+    measurements: list[Measurement]
+
+    def row(self, network: Network, lang: str = "en") -> dict[str, str]:
+        per_query = self.projection.time_s(network)
+        return {
+            "time": format_duration(per_query, lang),
+            "traffic": format_size(self.projection.bytes),
+            "time_1000": format_duration(per_query * 1000, lang),
+            "traffic_1000": format_size(self.projection.bytes * 1000),
+            "split": " / ".join(format_duration(part, lang) for part in (
+                self.projection.seconds, self.projection.transfer_s(network),
+                self.projection.latency_s(network))),
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "target": self.projection.shape.describe(),
+            "seq_len": self.projection.seq,
+            "plan": self.plan,
+            "network": self.chosen.name,
+            "compute_s": self.projection.seconds,
+            "bytes": self.projection.bytes,
+            "rounds": self.projection.rounds,
+            "per_network": {
+                network.name: {"time_s": self.projection.time_s(network),
+                               "transfer_s": self.projection.transfer_s(network),
+                               "latency_s": self.projection.latency_s(network)}
+                for network in self.networks
+            },
+            "self_check": [
+                {"held_out": list(check.held_out), "fitted_on": [list(k) for k in check.fitted_on],
+                 "seconds_error": check.seconds_error, "bytes_error": check.bytes_error,
+                 "messages_error": check.messages_error}
+                for check in self.checks
+            ],
+            "sources": [str(m.path) for m in self.measurements],
+            "assumptions": list(ASSUMPTIONS["en"]),
+        }
+
+
+def _configuration_label(key: tuple[str, int]) -> str:
+    return f"{key[0]} @ {key[1]}"
+
+
+def render_markdown(estimate: Estimate, lang: str, chart_name: str) -> str:
+    """Render the one-page report in ``lang`` (en or ja)."""
+    text, names = TEXT[lang], NETWORK_NAMES[lang]
+    projection = estimate.projection
+    chosen = estimate.row(estimate.chosen, lang)
+    lines = [
+        f"# {text['title']}",
+        "",
+        text["estimate_note"],
+        "",
+        text["question"],
+        "",
+        text["question_body"].format(model=projection.shape.name, seq=projection.seq),
+        "",
+        text["answer"],
+        "",
+        text["answer_body"].format(network=names[estimate.chosen.name], **chosen),
+        "",
+        "| " + " | ".join(text["columns"]) + " |",
+        "|" + "---|" * len(text["columns"]),
+    ]
+    for network in estimate.networks:
+        row = estimate.row(network, lang)
+        detail = text["as_measured"] if math.isinf(network.bandwidth_bit_s) else (
+            network.describe())
+        label = f"{names[network.name]} ({detail})"
+        if network is estimate.chosen:
+            label = f"**{label}**"
+        lines.append(f"| {label} | {row['time']} | {row['traffic']} | {row['time_1000']} | "
+                     f"{row['traffic_1000']} | {row['split']} |")
+
+    stages = {kind: format_size(value) for kind, value in projection.bytes_by_stage.items()}
+    lines += [
+        "",
+        text["target"].format(model=projection.shape.describe(lang), plan=estimate.plan),
+        text["stages"].format(**stages),
+        text["chart"].format(chart=chart_name),
+        "",
+        text["check"],
+        "",
+    ]
+    if estimate.checks:
+        for check in estimate.checks:
+            fitted = ", ".join(_configuration_label(key) for key in check.fitted_on)
+            lines.append("- " + text["check_body"].format(
+                fitted=fitted, held_out=_configuration_label(check.held_out),
+                seconds=_format_error(check.seconds_error), bytes=_format_error(check.bytes_error),
+                messages=_format_error(check.messages_error)))
+    else:
+        config = _configuration_label(estimate.measurements[0].configuration)
+        lines.append(text["check_pending"].format(config=config))
+
+    lines += ["", text["assumptions"], ""]
+    for number, assumption in enumerate(ASSUMPTIONS[lang], start=1):
+        lines.append(f"{number}. {assumption}")
+
+    lines += ["", text["sources"], ""]
+    for measurement in estimate.measurements:
+        lines.append("- " + text["source_row"].format(
+            path=measurement.path.name, model=measurement.shape.name, seq=measurement.seq,
+            plan=measurement.plan, seconds=format_duration(measurement.seconds, lang),
+            traffic=format_size(measurement.bytes), messages=int(measurement.messages),
+            machine=measurement.machine or text["machine_unknown"]))
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomically(path: Path, write) -> None:
+    """Call ``write(temporary_path)``, then rename the temporary file to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                         suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomically(path: Path, content: str) -> None:
+    _write_atomically(path, lambda temporary: temporary.write_text(content, encoding="utf-8"))
+
+
+def write_chart(path: Path, estimate: Estimate) -> None:
+    """Draw a stacked bar chart of the time per query on each network. Its labels are in
+    English, because a Japanese font may be missing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    projection = estimate.projection
+    labels = [network.name for network in estimate.networks]
+    parts = {
+        "compute (measured, scaled)": [projection.seconds for _ in estimate.networks],
+        "transfer (bytes / bandwidth)": [projection.transfer_s(n) for n in estimate.networks],
+        "latency (rounds x RTT)": [projection.latency_s(n) for n in estimate.networks],
+    }
+    figure = Figure(figsize=(7, 4), dpi=120)
+    axes = figure.add_subplot()
+    bottom = [0.0] * len(labels)
+    for name, values in parts.items():
+        axes.bar(labels, values, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    for index, total in enumerate(bottom):
+        axes.annotate(format_duration(total), (index, total), ha="center", va="bottom")
+    axes.set_ylabel("seconds per query (estimate)")
+    axes.set_title(f"{projection.shape.name}, {projection.seq} tokens, plan {estimate.plan}: "
+                   f"{format_size(projection.bytes)} per query")
+    axes.legend(loc="upper left")
+    axes.set_ylim(0, max(bottom) * 1.2)
+    figure.tight_layout()
+    _write_atomically(path, lambda temporary: figure.savefig(temporary, format="png"))
+
+
+def build_estimate(measurements: list[Measurement], target: ModelShape, seq: int,
+                   chosen: Network) -> Estimate:
+    """Fit on every measurement, project to ``target``, and run the self-check."""
+    plans = {m.plan for m in measurements}
+    if len(plans) > 1:
+        raise ValueError(f"measurements mix operator plans {sorted(plans)}; fit one plan at a "
+                         "time")
+    units = fit_unit_costs(measurements)
+    networks = list(NETWORK_PRESETS.values())
+    if chosen.name not in NETWORK_PRESETS:
+        networks.append(chosen)
+    else:
+        chosen = NETWORK_PRESETS[chosen.name]
+    return Estimate(projection=project(units, target, seq), plan=plans.pop(), networks=networks,
+                    chosen=chosen, checks=self_check(measurements), measurements=measurements)
+
+
+def write_report(estimate: Estimate, out_dir: Path, lang: str) -> list[Path]:
+    """Write the Markdown page, the PNG chart and the numbers as JSON under ``out_dir``."""
+    if lang not in TEXT:
+        raise ValueError(f"unknown language {lang!r}; valid: {', '.join(TEXT)}")
+    out_dir = Path(out_dir)
+    chart = out_dir / "estimate.png"
+    page = out_dir / ("estimate.md" if lang == "en" else f"estimate.{lang}.md")
+    numbers = out_dir / "estimate.json"
+    write_chart(chart, estimate)
+    write_text_atomically(page, render_markdown(estimate, lang, chart.name))
+    write_text_atomically(numbers, json.dumps(estimate.to_dict(), indent=2) + "\n")
+    return [page, chart, numbers]
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``estimate`` command to an argparse subparsers object."""
+    parser = subparsers.add_parser(
+        "estimate", help="project measured query costs to another model, length and network",
+        description="Write a one-page cost estimate (Markdown, PNG chart, JSON) from cost files "
+                    "that classify --json or demo wrote.")
+    parser.add_argument("--measured", type=Path, nargs="+", required=True, metavar="FILE",
+                        help="cost JSON files of measured queries")
+    parser.add_argument("--source-model", default="minilm-l6",
+                        help=f"model the files were measured on: {', '.join(MODEL_PRESETS)}")
+    parser.add_argument("--source-seq-len", type=int, default=32,
+                        help="sequence length (tokens) of the files without a max_len field")
+    parser.add_argument("--source-plan", default="exact",
+                        help="operator plan of the files without a plan field")
+    parser.add_argument("--source-machine",
+                        help="description of the machine that measured the files")
+
+    parser.add_argument("--model", default="bert-base",
+                        help=f"target model: {', '.join(MODEL_PRESETS)} or custom")
+    for name in ("hidden", "heads", "kv-heads", "ffn", "layers", "vocab"):
+        parser.add_argument(f"--{name}", type=int, help=f"{name} of --model custom")
+    parser.add_argument("--gated-ffn", action="store_true",
+                        help="--model custom has a gated (SwiGLU) FFN")
+
+    parser.add_argument("--seq-len", type=int, default=128, help="target sequence length (tokens)")
+    parser.add_argument("--network", default="wan",
+                        help=f"network of the headline figure: {', '.join(NETWORK_PRESETS)} "
+                             "or custom (the table lists every preset)")
+    parser.add_argument("--bandwidth-mbit", type=float,
+                        help="bandwidth of --network custom in Mbit/s")
+    parser.add_argument("--rtt-ms", type=float,
+                        help="round-trip time of --network custom in milliseconds")
+
+    parser.add_argument("--lang", default="en", choices=sorted(TEXT), help="report language")
+    parser.add_argument("--out", type=Path, default=Path("cipherprompt-work/estimate"),
+                        help="output directory")
+    parser.set_defaults(handler=cmd_estimate)
+    return parser
+
+
+def _target_shape(args) -> ModelShape:
+    if args.model != "custom":
+        return model_preset(args.model)
+    values = {name: getattr(args, name) for name in ("hidden", "heads", "kv_heads", "ffn",
+                                                      "layers", "vocab")}
+    if values["kv_heads"] is None:
+        values["kv_heads"] = values["heads"]
+    missing = [f"--{name.replace('_', '-')}" for name, value in values.items() if value is None]
+    if missing:
+        raise ValueError(f"--model custom needs {', '.join(missing)}")
+    return ModelShape("custom", gated_ffn=args.gated_ffn, **values)
+
+
+def cmd_estimate(args) -> int:
+    """Handler of ``cipherprompt estimate``: validate, fit, project and write the report."""
+    target = _target_shape(args)
+    if args.seq_len <= 0:
+        raise ValueError(f"--seq-len must be positive, got {args.seq_len}")
+    if args.network == "custom":
+        network = custom_network(args.bandwidth_mbit, args.rtt_ms)
+    else:
+        network = network_preset(args.network)
+    source = model_preset(args.source_model)
+    measurements = [load_measurement(path, source, args.source_seq_len, args.source_plan,
+                                     args.source_machine) for path in args.measured]
+    estimate = build_estimate(measurements, target, args.seq_len, network)
+    written = write_report(estimate, args.out, args.lang)
+    row = estimate.row(estimate.chosen)
+    print(f"{target.name} at {args.seq_len} tokens on {network.name}: {row['time']} and "
+          f"{row['traffic']} per query (estimate); report {written[0]}")
+    return 0
