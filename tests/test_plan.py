@@ -37,7 +37,7 @@ def test_preset_reference_layers():
 def test_preset_friendly_layers():
     plan = OperatorPlan.preset("friendly", NUM_LAYERS)
 
-    assert plan.layers == (LayerPlan("quad", "2quad", "layernorm"),) * NUM_LAYERS
+    assert plan.layers == (LayerPlan("relu", "2quad", "layernorm"),) * NUM_LAYERS
 
 
 @pytest.mark.parametrize("count", [1, 2, NUM_LAYERS])
