@@ -259,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_distill_parser(commands)
 
+    from cipherprompt.evaluate import add_parser as add_evaluate_parser
+
+    add_evaluate_parser(commands)
+
     def tls_options(sub, certificate_help: str | None):
         sub.add_argument("--tls-ca", type=Path, default=None,
                          help="PEM CA certificate that signs the peer's certificate; turns on TLS")
