@@ -104,7 +104,7 @@ def run_demo(config: DemoConfig) -> int:
 
 
 def compare_with_plaintext(example, private, client, checkpoint, plaintext) -> dict:
-    """One report row: the private prediction next to the plaintext run of the same model."""
+    """Build one report row: the private prediction next to the plaintext run of the same model."""
     encoded = client.tokenizer.encode(example.text, client.max_len)
     mask = encoded.mask[None, :]
     logits = np.asarray(plaintext(checkpoint.params, tokens=encoded.ids[None, :], mask=mask,

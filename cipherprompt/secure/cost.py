@@ -191,7 +191,7 @@ def format_bytes(count: float) -> str:
 
 
 def format_cost_table(cost: QueryCost) -> str:
-    """A plain-text table: one row per stage, then per operator kind, then the total."""
+    """Format a plain-text table: one row per stage, then per operator kind, then the total."""
     total_bytes = max(cost.bytes_sent + cost.bytes_received, 1)
     lines = [f"{'stage / operator':<24}{'seconds':>10}{'sent':>12}{'received':>12}"
              f"{'messages':>10}{'share':>8}"]

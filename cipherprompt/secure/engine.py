@@ -214,20 +214,10 @@ def compile_classifier(
 
 
 def named_weights(params: Params) -> dict[str, np.ndarray]:
-    """Every weight under the name the compiled stages use for it."""
+    """Map every weight to the name the compiled stages use for it."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(params)
     return {f"param:{_leaf_name(path)}": np.asarray(leaf, np.float32) for path, leaf in leaves}
 
 
 def make_io(engine: EngineConfig) -> spu.Io:
     return spu.Io(WORLD_SIZE, runtime_config(engine, profile=False))
-
-
-def own_share(io: spu.Io, value: np.ndarray, owner: int, rank: int):
-    """This party's share of a secret owned by ``owner``.
-
-    The owner passes the real value; the peer passes zeros of the same shape, because with the
-    colocated optimisation the non-owner's share is a placeholder that does not depend on it.
-    """
-    shares = io.make_shares(value, libspu.Visibility.VIS_SECRET, owner_rank=owner)
-    return shares[rank]

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from cipherprompt.secure.tls import TLSFiles, client_context
-from cipherprompt.secure.wire import parse_address, recv_message, send_message
+from cipherprompt.secure.wire import free_port, parse_address, recv_message, send_message
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +34,6 @@ def check_health(address: str, timeout_s: float = 10.0, tls: TLSFiles | None = N
             connection.close()
 
 
-def free_local_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class ServerProcess:
     """A server child process; a context manager that waits until it listens, then stops it.
 
@@ -52,7 +46,7 @@ class ServerProcess:
                  env: dict[str, str] | None = None, health_tls: TLSFiles | None = None):
         self.checkpoint = Path(checkpoint)
         self.work_dir = Path(work_dir)
-        self.port = port or free_local_port()
+        self.port = port or free_port("127.0.0.1")
         self.extra_args = extra_args
         self.start_timeout_s = start_timeout_s
         # Variables added to this process's environment for the server.

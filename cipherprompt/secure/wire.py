@@ -106,7 +106,7 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 def free_port(host: str) -> int:
-    """A TCP port that is free on ``host`` now (another process may still take it later)."""
+    """Return a TCP port that is free on ``host`` now; another process may still take it later."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
