@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cipherprompt.models.bert import (
     BertConfig,
+    classifier_blocks,
     classify,
     encode,
+    encoder_layer,
     init_params,
     one_hot,
     pooling_weights,
@@ -185,3 +188,53 @@ def test_pooling_weights_rejects_empty_row():
 
     with pytest.raises(ValueError, match="at least one real token"):
         pooling_weights(mask)
+
+
+def _block_params(params, path):
+    for key in path:
+        params = params[key]
+    return params
+
+
+@pytest.mark.parametrize("plan_name", ["exact", "friendly"])
+def test_steps_one_by_one_match_fused(plan_name):
+    # The profiler compiles every step as its own program and passes only the state entries
+    # that a step declares it reads. Running the steps that way must give the fused logits.
+    ids, mask = padded_batch([TEXT, TEXT[:3]], 7)
+    plan = OperatorPlan.preset(plan_name, CONFIG.num_layers)
+    state = {"tokens": jnp.asarray(one_hot(ids, CONFIG.vocab_size)), "mask": jnp.asarray(mask),
+             "pool": jnp.asarray(pooling_weights(mask))}
+    steps_run = 0
+
+    for block in classifier_blocks(CONFIG, plan):
+        weights = _block_params(PARAMS, block.param_path)
+        for step in block.steps:
+            inputs = {key: state[key] for key in step.reads}
+            run = jax.jit(lambda w, s, step=step, block=block: step(w, CONFIG, block.plan, s))
+            state.update({key: run(weights, inputs)[key] for key in step.writes})
+            steps_run += 1
+
+    assert steps_run == 2 + 10 * CONFIG.num_layers + 1
+    expected = logits(plan_name, ids, mask, one_hot_input=True)
+    np.testing.assert_allclose(np.asarray(state["logits"]), expected, atol=1e-5, rtol=0)
+
+
+def test_blocks_follow_model_scopes():
+    plan = OperatorPlan.preset("exact", CONFIG.num_layers)
+
+    blocks = classifier_blocks(CONFIG, plan)
+
+    assert [block.scope for block in blocks] == ["embedding", "layer0", "layer1", "head"]
+    operators = {step.operator for block in blocks for step in block.steps}
+    assert operators == {"embedding", "linear", "attention_products", "attention_normaliser",
+                         "activation", "layer_normaliser", "head"}
+
+
+def test_encoder_layer_rejects_wrong_dropout_keys():
+    ids, mask = padded_batch([TEXT], 7)
+    plan = OperatorPlan.preset("exact", CONFIG.num_layers)
+    x = jnp.zeros((1, 7, CONFIG.hidden_size))
+    keys = tuple(jax.random.split(jax.random.PRNGKey(0), 2))
+
+    with pytest.raises(ValueError):
+        encoder_layer(PARAMS["layers"][0], CONFIG, plan.layers[0], x, jnp.asarray(mask), keys)

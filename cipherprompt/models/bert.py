@@ -12,6 +12,7 @@ gather at a secret index is far more expensive under MPC). Both give the same em
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -134,20 +135,205 @@ def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
+# Steps
+#
+# Each block of the model (the embedding, every layer, the head) is an ordered list of named
+# steps. A step runs under a named scope that is also its operator kind, such as ``linear`` or
+# ``attention_normaliser``. The fused functions below (``embed``, ``encoder_layer``,
+# ``classifier_head``) run a block's steps in order inside one function. The profiler compiles
+# each step as its own SPU program, so the cost of every operator kind is measured on the same
+# definition that training and private inference use.
+
+# State key of the dropout keys of one block, by step name. It is absent when dropout is off.
+DROPOUT_RNGS = "dropout_rngs"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One named step of a block: weights and state in, the state's new entries out.
+
+    ``function(params, config, block_plan, inputs, rng)`` receives only the weights named in
+    ``params``, only the state entries named in ``reads``, and its dropout key or None. It must
+    return exactly the entries named in ``writes``. The declarations let a profiler compile the
+    step on its own, and ``__call__`` enforces them so that they cannot drift from the code.
+    """
+
+    name: str
+    # Named scope of the step and the operator kind its cost is attributed to.
+    operator: str
+    params: tuple[str, ...]
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    function: Callable[..., dict]
+    # Whether the step applies dropout when the block is given dropout keys.
+    dropout: bool = False
+
+    def __call__(self, params: Params, config: BertConfig, block_plan, state: dict) -> dict:
+        """Run the step under its named scope; return ``state`` updated with its writes."""
+        weights = {key: params[key] for key in self.params}
+        inputs = {key: state[key] for key in self.reads}
+        rng = state.get(DROPOUT_RNGS, {}).get(self.name) if self.dropout else None
+        with jax.named_scope(self.operator):
+            written = self.function(weights, config, block_plan, inputs, rng)
+        if set(written) != set(self.writes):
+            raise RuntimeError(
+                f"step {self.name!r} wrote {sorted(written)} but declares {list(self.writes)}; "
+                "make its writes match what its function returns"
+            )
+        return {**state, **written}
+
+
+def run_steps(steps: tuple[Step, ...], params: Params, config: BertConfig, block_plan,
+              state: dict) -> dict:
+    """Run ``steps`` in order on ``state``, the fused form of a block."""
+    for step in steps:
+        state = step(params, config, block_plan, state)
+    return state
+
+
+def _look_up_tokens(params, config, block_plan, inputs, rng):
+    tokens = inputs["tokens"]
+    if jnp.issubdtype(tokens.dtype, jnp.integer):
+        words = jnp.take(params["word"], tokens, axis=0)
+    else:
+        words = tokens @ params["word"]
+    seq_len = words.shape[-2]
+    # Segment ids are all 0 for single-sentence classification.
+    return {"x": words + params["position"][:seq_len] + params["token_type"][0]}
+
+
+def _normalise_embeddings(params, config, plan, inputs, rng):
+    norm = layer_normaliser(plan.embedding_normaliser)
+    return {"x": norm(inputs["x"], **_norm_args(params["norm"], config))}
+
+
+# The embedding block. Its block plan is the whole OperatorPlan.
+EMBEDDING_STEPS = (
+    Step("lookup", "embedding", ("word", "position", "token_type"), ("tokens",), ("x",),
+         _look_up_tokens),
+    Step("normalise", "layer_normaliser", ("norm",), ("x",), ("x",), _normalise_embeddings),
+)
+
+
+def _split_heads(t: jax.Array, config: BertConfig) -> jax.Array:
+    batch, seq_len, _ = t.shape
+    return t.reshape(batch, seq_len, config.num_heads, config.head_size).transpose(0, 2, 1, 3)
+
+
+def _project_query_key_value(params, config, layer_plan, inputs, rng):
+    x = inputs["x"]
+    return {name: _split_heads(_dense(params[name], x), config)
+            for name in ("query", "key", "value")}
+
+
+def _score_keys(params, config, layer_plan, inputs, rng):
+    scores = inputs["query"] @ inputs["key"].transpose(0, 1, 3, 2)
+    return {"scores": scores * (1.0 / np.sqrt(config.head_size))}
+
+
+def _normalise_scores(params, config, layer_plan, inputs, rng):
+    normaliser = attention_normaliser(layer_plan.attention_normaliser)
+    return {"weights": normaliser(inputs["scores"], inputs["mask"][:, None, None, :])}
+
+
+def _weight_values(params, config, layer_plan, inputs, rng):
+    batch, heads, seq_len, head_size = inputs["value"].shape
+    context = _dropout(inputs["weights"], config.dropout, rng) @ inputs["value"]
+    return {"context": context.transpose(0, 2, 1, 3).reshape(batch, seq_len, heads * head_size)}
+
+
+def _project_context(params, config, layer_plan, inputs, rng):
+    attended = _dense(params["attention_output"], inputs["context"])
+    return {"attended": _dropout(attended, config.dropout, rng)}
+
+
+def _normalise_attention_residual(params, config, layer_plan, inputs, rng):
+    norm = layer_normaliser(layer_plan.layer_normaliser)
+    x = inputs["x"] + inputs["attended"]
+    return {"x": norm(x, **_norm_args(params["attention_norm"], config))}
+
+
+def _expand(params, config, layer_plan, inputs, rng):
+    return {"hidden": _dense(params["intermediate"], inputs["x"])}
+
+
+def _activate(params, config, layer_plan, inputs, rng):
+    return {"hidden": activation(layer_plan.activation)(inputs["hidden"])}
+
+
+def _contract(params, config, layer_plan, inputs, rng):
+    return {"out": _dropout(_dense(params["output"], inputs["hidden"]), config.dropout, rng)}
+
+
+def _normalise_output_residual(params, config, layer_plan, inputs, rng):
+    norm = layer_normaliser(layer_plan.layer_normaliser)
+    x = inputs["x"] + inputs["out"]
+    return {"x": norm(x, **_norm_args(params["output_norm"], config))}
+
+
+# One post-norm transformer layer, whose block plan is the layer's LayerPlan. The layer reads
+# and writes "x", and reads the key mask "mask" [batch, seq].
+LAYER_STEPS = (
+    # Self-attention: projections, scaled scores, the plan's normaliser, weighted values.
+    Step("query_key_value", "linear", ("query", "key", "value"), ("x",),
+         ("query", "key", "value"), _project_query_key_value),
+    Step("scores", "attention_products", (), ("query", "key"), ("scores",), _score_keys),
+    Step("weights", "attention_normaliser", (), ("scores", "mask"), ("weights",),
+         _normalise_scores),
+    Step("context", "attention_products", (), ("weights", "value"), ("context",),
+         _weight_values, dropout=True),
+    Step("attention_output", "linear", ("attention_output",), ("context",), ("attended",),
+         _project_context, dropout=True),
+    Step("attention_norm", "layer_normaliser", ("attention_norm",), ("x", "attended"), ("x",),
+         _normalise_attention_residual),
+    # Feed-forward block with the plan's activation.
+    Step("intermediate", "linear", ("intermediate",), ("x",), ("hidden",), _expand),
+    Step("activation", "activation", (), ("hidden",), ("hidden",), _activate),
+    Step("output", "linear", ("output",), ("hidden",), ("out",), _contract, dropout=True),
+    Step("output_norm", "layer_normaliser", ("output_norm",), ("x", "out"), ("x",),
+         _normalise_output_residual),
+)
+
+
+def _pool_and_classify(params, config, block_plan, inputs, rng):
+    pooled = jnp.einsum("bs,bsh->bh", inputs["pool"], inputs["x"])
+    return {"logits": _dense(params, pooled)}
+
+
+# The classifier head. Its weights are params["classifier"] itself.
+HEAD_STEPS = (
+    Step("classify", "head", ("kernel", "bias"), ("x", "pool"), ("logits",), _pool_and_classify),
+)
+
+
+@dataclass(frozen=True)
+class Block:
+    """A block of the classifier as the fused run and the profiler both see it."""
+
+    # Named scope of the block: "embedding", "layer0".."layerN" or "head".
+    scope: str
+    # Path of the block's weights in the parameter tree.
+    param_path: tuple[str | int, ...]
+    # Operator choice passed to each step: the OperatorPlan or one of its LayerPlans.
+    plan: object
+    steps: tuple[Step, ...]
+
+
+def classifier_blocks(config: BertConfig, plan: OperatorPlan) -> list[Block]:
+    """List the blocks of the classifier in execution order."""
+    check_encoder_plan(config, plan)
+    layers = [Block(f"layer{index}", ("layers", index), layer_plan, LAYER_STEPS)
+              for index, layer_plan in enumerate(plan.layers)]
+    return [Block("embedding", ("embeddings",), plan, EMBEDDING_STEPS), *layers,
+            Block("head", ("classifier",), None, HEAD_STEPS)]
+
+
 def embed(params: Params, config: BertConfig, plan: OperatorPlan, tokens: jax.Array) -> jax.Array:
     """Map token ids [batch, seq] or one-hot rows [batch, seq, vocab] to normalised embeddings."""
-    table = params["embeddings"]
     with jax.named_scope("embedding"):
-        if jnp.issubdtype(tokens.dtype, jnp.integer):
-            words = jnp.take(table["word"], tokens, axis=0)
-        else:
-            words = tokens @ table["word"]
-        seq_len = words.shape[-2]
-        # Segment ids are all 0 for single-sentence classification.
-        x = words + table["position"][:seq_len] + table["token_type"][0]
-    with jax.named_scope("embedding/layer_normaliser"):
-        norm = layer_normaliser(plan.embedding_normaliser)
-        return norm(x, table["norm"]["gamma"], table["norm"]["beta"], config.layer_norm_eps)
+        state = run_steps(EMBEDDING_STEPS, params["embeddings"], config, plan,
+                          {"tokens": tokens})
+    return state["x"]
 
 
 def encoder_layer(
@@ -158,49 +344,34 @@ def encoder_layer(
     mask: jax.Array,
     rngs: tuple[jax.Array, ...] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Run one post-norm transformer layer; return (hidden states, attention weights)."""
-    batch, seq_len, _ = x.shape
-    heads, head_size = config.num_heads, config.head_size
-    norm = layer_normaliser(layer_plan.layer_normaliser)
-    rate = config.dropout if rngs is not None else 0.0
-    rngs = rngs if rngs is not None else (None, None, None)
+    """Run one post-norm transformer layer; return (hidden states, attention weights).
 
-    def split_heads(t):
-        return t.reshape(batch, seq_len, heads, head_size).transpose(0, 2, 1, 3)
-
-    # Self-attention: projections, scaled scores, the plan's normaliser, weighted values.
-    with jax.named_scope("linear"):
-        query = split_heads(_dense(params["query"], x))
-        key = split_heads(_dense(params["key"], x))
-        value = split_heads(_dense(params["value"], x))
-    with jax.named_scope("attention_products"):
-        scores = (query @ key.transpose(0, 1, 3, 2)) * (1.0 / np.sqrt(head_size))
-    with jax.named_scope("attention_normaliser"):
-        weights = attention_normaliser(layer_plan.attention_normaliser)(
-            scores, mask[:, None, None, :]
-        )
-    with jax.named_scope("attention_products"):
-        context = _dropout(weights, rate, rngs[0]) @ value
-        context = context.transpose(0, 2, 1, 3).reshape(batch, seq_len, heads * head_size)
-    with jax.named_scope("linear"):
-        attended = _dropout(_dense(params["attention_output"], context), rate, rngs[1])
-    with jax.named_scope("layer_normaliser"):
-        x = norm(x + attended, **_norm_args(params["attention_norm"], config))
-
-    # Feed-forward block with the plan's activation.
-    with jax.named_scope("linear"):
-        hidden = _dense(params["intermediate"], x)
-    with jax.named_scope("activation"):
-        hidden = activation(layer_plan.activation)(hidden)
-    with jax.named_scope("linear"):
-        out = _dropout(_dense(params["output"], hidden), rate, rngs[2])
-    with jax.named_scope("layer_normaliser"):
-        x = norm(x + out, **_norm_args(params["output_norm"], config))
-    return x, weights
+    ``rngs`` holds one dropout key per dropout step of ``LAYER_STEPS``, in step order.
+    """
+    state = {"x": x, "mask": mask}
+    if rngs is not None:
+        names = [step.name for step in LAYER_STEPS if step.dropout]
+        state[DROPOUT_RNGS] = dict(zip(names, rngs, strict=True))
+    state = run_steps(LAYER_STEPS, params, config, layer_plan, state)
+    return state["x"], state["weights"]
 
 
 def _norm_args(params: Params, config: BertConfig) -> dict:
     return {"gamma": params["gamma"], "beta": params["beta"], "eps": config.layer_norm_eps}
+
+
+def check_encoder_plan(config: BertConfig, plan: OperatorPlan) -> None:
+    """Raise ValueError unless ``plan`` is an encoder plan with one entry per layer."""
+    if plan.embedding_normaliser is None or plan.final_normaliser is not None:
+        raise ValueError(
+            f"operator plan {plan.name!r} is a decoder plan; the BERT encoder needs an "
+            "embedding normaliser and no final normaliser (presets: exact, reference, friendly)"
+        )
+    if plan.num_layers != config.num_layers:
+        raise ValueError(
+            f"operator plan {plan.name!r} has {plan.num_layers} layers, "
+            f"the model has {config.num_layers}"
+        )
 
 
 def encode(
@@ -212,16 +383,7 @@ def encode(
     dropout_rng: jax.Array | None = None,
 ) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
     """Run embedding and all layers; return (last hidden states, per-layer hidden, attention)."""
-    if plan.embedding_normaliser is None or plan.final_normaliser is not None:
-        raise ValueError(
-            f"operator plan {plan.name!r} is a decoder plan; the BERT encoder needs an "
-            "embedding normaliser and no final normaliser (presets: exact, reference, friendly)"
-        )
-    if plan.num_layers != config.num_layers:
-        raise ValueError(
-            f"operator plan {plan.name!r} has {plan.num_layers} layers, "
-            f"the model has {config.num_layers}"
-        )
+    check_encoder_plan(config, plan)
     x = embed(params, config, plan, tokens)
     if dropout_rng is not None:
         dropout_rng, key = jax.random.split(dropout_rng)
@@ -260,9 +422,11 @@ def classify(
 
 def classifier_head(params: Params, hidden: jax.Array, pool_weights: jax.Array) -> jax.Array:
     """Mean-pool the hidden states [batch, seq, hidden] and project them to class logits."""
+    # The head's step needs neither the configuration nor a plan.
     with jax.named_scope("head"):
-        pooled = jnp.einsum("bs,bsh->bh", pool_weights, hidden)
-        return _dense(params["classifier"], pooled)
+        state = run_steps(HEAD_STEPS, params["classifier"], None, None,
+                          {"x": hidden, "pool": pool_weights})
+    return state["logits"]
 
 
 def pooling_weights(mask: np.ndarray) -> np.ndarray:
