@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+
 import jax
 import numpy as np
 import spu
@@ -20,6 +21,7 @@ from spu.utils import frontend
 from cipherprompt.models.bert import (
     BertConfig,
     Params,
+    classifier_blocks,
     classifier_head,
     embed,
     encoder_layer,
@@ -107,7 +109,17 @@ class Stage:
     executable: libspu.Executable
     param_names: list[str]
     client_names: list[str]
-    output_name: str
+    output_names: list[str]
+    # Runtime variables that no later stage reads. The party deletes them after this stage.
+    frees: list[str] = field(default_factory=list)
+
+    @property
+    def output_name(self) -> str:
+        """The stage's only output variable. Raises ValueError for a stage with several outputs."""
+        if len(self.output_names) != 1:
+            raise ValueError(f"stage {self.name!r} has {len(self.output_names)} outputs: "
+                             f"{', '.join(self.output_names)}; read output_names instead")
+        return self.output_names[0]
 
 
 @dataclass
@@ -130,6 +142,27 @@ def _param_names(prefix: tuple, subtree) -> list[str]:
     return [f"param:{base}/{_leaf_name(path)}" for path, _ in leaves]
 
 
+def compile_executable(name: str, function, args: list, input_names: list[str],
+                       output_names: list[str], engine: EngineConfig) -> libspu.Executable:
+    """Compile ``function(*args)`` for SPU with every input secret.
+
+    ``input_names`` name the leaves of ``args`` in flattening order, and ``output_names`` the
+    leaves of the result.
+    """
+    function.__name__ = f"cipherprompt_{name}"
+    executable, _ = frontend.compile(
+        frontend.Kind.JAX,
+        function,
+        args,
+        {},
+        input_names,
+        [libspu.Visibility.VIS_SECRET] * len(input_names),
+        lambda outputs: list(output_names),
+        copts=compiler_options(engine),
+    )
+    return executable
+
+
 def _compile_stage(name, function, param_prefix, params, client_inputs, hidden_input, output_name,
                    engine) -> Stage:
     """Compile ``function(params, *client_inputs[, hidden])`` with named, secret inputs."""
@@ -137,21 +170,14 @@ def _compile_stage(name, function, param_prefix, params, client_inputs, hidden_i
     client_names = list(client_inputs)
     names = param_names + client_names
     args = [params, *client_inputs.values()]
+    frees = []
     if hidden_input is not None:
         names.append(hidden_input[0])
         args.append(hidden_input[1])
-    function.__name__ = f"cipherprompt_{name}"
-    executable, _ = frontend.compile(
-        frontend.Kind.JAX,
-        function,
-        args,
-        {},
-        names,
-        [libspu.Visibility.VIS_SECRET] * len(names),
-        lambda outputs: [output_name],
-        copts=compiler_options(engine),
-    )
-    return Stage(name, executable, param_names, client_names, output_name)
+        # The previous stage's hidden state is consumed here.
+        frees.append(hidden_input[0])
+    executable = compile_executable(name, function, args, names, [output_name], engine)
+    return Stage(name, executable, param_names, client_names, [output_name], frees)
 
 
 def compile_classifier(
@@ -164,15 +190,9 @@ def compile_classifier(
     ``param:<path>``. A private query uses batch 1; larger batches serve fixed-point reference
     runs over a whole data set. The batch size enters the program, and so its hash.
     """
-    if batch < 1:
-        raise ValueError(f"batch must be at least 1, got {batch}")
     params = init_params(config, seed=0)
     hidden = np.zeros((batch, max_len, config.hidden_size), np.float32)
-    client = {
-        "onehot": np.zeros((batch, max_len, config.vocab_size), np.float32),
-        "mask": np.zeros((batch, max_len), np.float32),
-        "pool": np.zeros((batch, max_len), np.float32),
-    }
+    client = _client_inputs(config, max_len, batch)
     stages = []
 
     def embedding(embeddings, onehot):
@@ -203,6 +223,21 @@ def compile_classifier(
                        engine)
     )
 
+    return CompiledModel(stages, _program_digest(stages, plan, engine))
+
+
+def _client_inputs(config: BertConfig, max_len: int, batch: int) -> dict[str, np.ndarray]:
+    """Zero placeholders of the client's inputs, by runtime variable name."""
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    return {
+        "onehot": np.zeros((batch, max_len, config.vocab_size), np.float32),
+        "mask": np.zeros((batch, max_len), np.float32),
+        "pool": np.zeros((batch, max_len), np.float32),
+    }
+
+
+def _program_digest(stages: list[Stage], plan: OperatorPlan, engine: EngineConfig) -> str:
     digest = hashlib.sha256()
     for stage in stages:
         digest.update(stage.name.encode())
@@ -210,7 +245,65 @@ def compile_classifier(
         digest.update("\n".join(stage.param_names + stage.client_names).encode())
     digest.update(plan.canonical_json().encode())
     digest.update(repr(sorted(engine.to_dict().items())).encode())
-    return CompiledModel(stages, digest.hexdigest())
+    return digest.hexdigest()
+
+
+# Client inputs of the step program by the model's state key. Their runtime names are those of
+# compile_classifier, so one runtime with the weights infed runs both programs.
+_STATE_INPUTS = {"tokens": "onehot", "mask": "mask", "pool": "pool"}
+
+
+def compile_classifier_steps(
+    config: BertConfig, plan: OperatorPlan, max_len: int, engine: EngineConfig, batch: int = 1
+) -> CompiledModel:
+    """Compile the classifier as one stage per step of its blocks, for cost attribution.
+
+    Each step of ``classifier_blocks`` becomes a stage named ``<block>/<step>``, such as
+    ``layer0/scores``, compiled under the block's named scope as in the fused model. Inputs and
+    weights have the runtime names that ``compile_classifier`` gives them. A state entry that a
+    step writes becomes the secret runtime variable ``state:<stage>/<entry>`` and is deleted
+    after the last stage that reads it. The last stage writes ``logits``.
+    """
+    params = init_params(config, seed=0)
+    client = _client_inputs(config, max_len, batch)
+    examples = {key: client[name] for key, name in _STATE_INPUTS.items()}
+    variables = dict(_STATE_INPUTS)
+    stages: list[Stage] = []
+    last_reader: dict[str, int] = {}
+    for block in classifier_blocks(config, plan):
+        block_params = params
+        for key in block.param_path:
+            block_params = block_params[key]
+        for step in block.steps:
+            name = f"{block.scope}/{step.name}"
+            weights = {key: block_params[key] for key in step.params}
+            inputs = [examples[key] for key in step.reads]
+
+            def run(weights, *inputs, step=step, block=block):
+                with jax.named_scope(block.scope):
+                    state = step(weights, config, block.plan, dict(zip(step.reads, inputs)))
+                return tuple(state[key] for key in step.writes)
+
+            outputs = jax.eval_shape(run, weights, *inputs)
+            read_names = [variables[key] for key in step.reads]
+            for key, output in zip(step.writes, outputs, strict=True):
+                examples[key] = np.zeros(output.shape, output.dtype)
+                variables[key] = "logits" if key == "logits" else f"state:{name}/{key}"
+            output_names = [variables[key] for key in step.writes]
+            param_names = _param_names(block.param_path, weights)
+            executable = compile_executable(name.replace("/", "_"), run, [weights, *inputs],
+                                            param_names + read_names, output_names, engine)
+            client_names = [read for read in read_names if read in client]
+            stages.append(Stage(name, executable, param_names, client_names, output_names))
+            for read in read_names:
+                last_reader[read] = len(stages) - 1
+            for output in output_names:
+                last_reader[output] = len(stages) - 1
+
+    for variable, index in last_reader.items():
+        if variable not in client and variable != "logits":
+            stages[index].frees.append(variable)
+    return CompiledModel(stages, _program_digest(stages, plan, engine))
 
 
 def named_weights(params: Params) -> dict[str, np.ndarray]:

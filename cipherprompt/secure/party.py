@@ -114,9 +114,8 @@ class SecureParty:
                 on_stage(index, total, stage.name)
             self.runtime.run(stage.executable)
             cost.stages.append(parse_run(self._wait_for_profile(stage.name), stage.name))
-            if index > 0:
-                # The previous stage's hidden state is consumed; free it.
-                self.runtime.del_var(model.stages[index - 1].output_name)
+            for name in stage.frees:
+                self.runtime.del_var(name)
         cost.wall_seconds = time.perf_counter() - started
         return cost
 

@@ -93,7 +93,7 @@ def run_session_process(task: SessionTask, connection: socket.socket, report: Co
     stop_requested = []
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process handles Ctrl-C
-    _die_with_parent(parent)
+    die_with_parent(parent)
     for fd in task.inherited_fds:
         try:
             os.close(fd)
@@ -117,7 +117,7 @@ def run_session_process(task: SessionTask, connection: socket.socket, report: Co
     os._exit(0)
 
 
-def _die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int) -> None:
     """Have the kernel kill this process when the server's session thread or process ends."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
