@@ -347,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     from cipherprompt.bench.estimate import add_parser as add_estimate_parser
 
     add_estimate_parser(commands)
+
+    from cipherprompt.bench.profile import add_parser as add_profile_parser
+
+    add_profile_parser(commands)
     return parser
 
 

@@ -18,11 +18,11 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cipherprompt.bench.files import write_atomically, write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -820,24 +820,6 @@ def render_markdown(estimate: Estimate, lang: str, chart_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomically(path: Path, write) -> None:
-    """Call ``write(temporary_path)``, then rename the temporary file to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomically(path: Path, content: str) -> None:
-    _write_atomically(path, lambda temporary: temporary.write_text(content, encoding="utf-8"))
-
-
 def write_chart(path: Path, estimate: Estimate) -> None:
     """Draw a stacked bar chart of the time per query on each network. Its labels are in
     English, because a Japanese font may be missing."""
@@ -867,7 +849,7 @@ def write_chart(path: Path, estimate: Estimate) -> None:
     axes.legend(loc="upper left")
     axes.set_ylim(0, max(bottom) * 1.2)
     figure.tight_layout()
-    _write_atomically(path, lambda temporary: figure.savefig(temporary, format="png"))
+    write_atomically(path, lambda temporary: figure.savefig(temporary, format="png"))
 
 
 def build_estimate(measurements: list[Measurement], target: ModelShape, seq: int,
