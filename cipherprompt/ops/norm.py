@@ -33,7 +33,9 @@ class MeanCentre(LayerNormaliser):
     formula = "(x - mean) * gamma + beta"
     fitted_range = None
     max_error = float("inf")
-    primitives = "local additions only, no interaction"
+    # The mean and the centring are local, but the products with 1/hidden and with the
+    # server-owned gamma each need a truncation, which costs OT traffic.
+    primitives = "products with constants and the server-owned gamma; no square or rsqrt"
 
     def __call__(self, x, gamma, beta, eps):
         return (x - jnp.mean(x, axis=-1, keepdims=True)) * gamma + beta
