@@ -8,6 +8,7 @@ secure primitives it costs under CHEETAH. Tests hold each operator to its stated
 from __future__ import annotations
 
 from abc import ABC
+from pathlib import Path
 from typing import ClassVar
 
 
@@ -23,6 +24,19 @@ class Operator(ABC):
     max_error: ClassVar[float] = 0.0
     # Secure primitives one element costs under CHEETAH, as a short phrase.
     primitives: ClassVar[str]
+
+    @classmethod
+    def cheetah_cost(cls, path: Path | None = None) -> dict:
+        """Look up this operator's cost under CHEETAH, measured by the operator benchmark.
+
+        Returns the entry of ``benchmarks/results/operator-costs.json`` (or ``path``):
+        ``per_element`` and ``fixed`` costs (seconds, bytes_sent, bytes_received, bytes,
+        messages) fitted on two input sizes, the runs behind them and the input range used.
+        Raises FileNotFoundError or KeyError naming the benchmark command when it is missing.
+        """
+        from cipherprompt.ops.costs import measured_cost
+
+        return measured_cost(cls.kind, cls.name, path)
 
     def describe(self) -> dict:
         return {
