@@ -85,6 +85,7 @@ def cmd_serve(args) -> int:
         link_timeout_s=args.link_timeout,
         link_connect_timeout_s=min(DEFAULT_CONNECT_TIMEOUT_S, args.link_timeout),
         shutdown_grace_s=args.shutdown_grace,
+        handshake_timeout_s=args.handshake_timeout,
         tls=_tls_files(args, need_certificate=True),
     )
     server = ModelServer(args.checkpoint, config, EngineConfig(protocol=args.protocol),
@@ -298,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--link-timeout", type=float, default=600.0,
                        help="seconds one step on SPU's link may wait for the client before the "
                             "session fails (default: %(default)s)")
+    serve.add_argument("--handshake-timeout", type=float, default=600.0,
+                       help="seconds a new client may take to complete the handshake, which "
+                            "includes compiling the programs on its side (default: "
+                            "%(default)s)")
     serve.add_argument("--shutdown-grace", type=float, default=60.0,
                        help="seconds running queries may take to finish after SIGTERM "
                             "(default: %(default)s)")

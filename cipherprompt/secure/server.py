@@ -91,8 +91,10 @@ class ServerConfig:
     link_timeout_s: float = DEFAULT_LINK_TIMEOUT_S
     # Seconds the SPU link keeps trying to reach the client when a session starts.
     link_connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
-    # Seconds a new connection may take for TLS, its first message and the handshake.
-    handshake_timeout_s: float = 120.0
+    # Seconds a new connection may take for TLS, its first message and the handshake. The
+    # handshake includes the client's compilation of every bucket's program, which took over
+    # 120 s for MiniLM with batch 2 on a loaded 2-core machine.
+    handshake_timeout_s: float = 600.0
     # Seconds running queries may take to finish after SIGTERM before their sessions are killed.
     shutdown_grace_s: float = 60.0
     # Certificates for mutual TLS on the control connection and SPU's link; None: no TLS.
