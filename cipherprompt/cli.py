@@ -81,9 +81,11 @@ def cmd_serve(args) -> int:
         host=args.host, port=args.port, max_sessions=args.max_sessions,
         idle_timeout_s=args.idle_timeout, work_dir=args.work_dir / "server",
         buckets=parse_buckets(args.buckets) if args.buckets is not None else None,
+        batch=args.batch,
         link_timeout_s=args.link_timeout,
         link_connect_timeout_s=min(DEFAULT_CONNECT_TIMEOUT_S, args.link_timeout),
         shutdown_grace_s=args.shutdown_grace,
+        handshake_timeout_s=args.handshake_timeout,
         tls=_tls_files(args, need_certificate=True),
     )
     server = ModelServer(args.checkpoint, config, EngineConfig(protocol=args.protocol),
@@ -285,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--buckets", default=None,
                        help="sequence lengths in tokens, comma-separated, e.g. 16,32,64: one "
                             "program each; clients pad to the smallest that fits")
+    serve.add_argument("--batch", type=int, default=1,
+                       help="texts per query: programs are compiled for this many texts and "
+                            "a client with fewer fills the rest with copies (default: "
+                            "%(default)s)")
     serve.add_argument("--max-sessions", type=int, default=1,
                        help="sessions at once; more clients get 'busy' (default: %(default)s)")
     serve.add_argument("--idle-timeout", type=float, default=600.0,
@@ -293,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--link-timeout", type=float, default=600.0,
                        help="seconds one step on SPU's link may wait for the client before the "
                             "session fails (default: %(default)s)")
+    serve.add_argument("--handshake-timeout", type=float, default=600.0,
+                       help="seconds a new client may take to complete the handshake, which "
+                            "includes compiling the programs on its side (default: "
+                            "%(default)s)")
     serve.add_argument("--shutdown-grace", type=float, default=60.0,
                        help="seconds running queries may take to finish after SIGTERM "
                             "(default: %(default)s)")

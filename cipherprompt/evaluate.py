@@ -103,6 +103,9 @@ class EvaluateConfig:
     # Length in tokens of the second float evaluation; None takes the checkpoint's training
     # length, or 64 when the checkpoint does not record one.
     train_len: int | None = None
+    # Sentences per CHEETAH query (the server's --batch). One query of 8 sentences shares the
+    # products with the weights among them, the embedding table's above all.
+    cheetah_batch: int = 1
     # Port of the CHEETAH server on 127.0.0.1; 0 picks a free one.
     port: int = 0
     # Seconds the server process may take to compile its program and listen.
@@ -113,6 +116,8 @@ class EvaluateConfig:
             raise ValueError(f"sample must be 0 or more, got {self.sample}")
         if self.batch < 1:
             raise ValueError(f"batch must be at least 1, got {self.batch}")
+        if self.cheetah_batch < 1:
+            raise ValueError(f"cheetah_batch must be at least 1, got {self.cheetah_batch}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be at least 1 or None, got {self.limit}")
         if self.train_len is not None and self.train_len < 3:
@@ -125,6 +130,8 @@ class EvaluateConfig:
         words = ["cipherprompt", "evaluate", "--checkpoint", str(self.checkpoint),
                  "--work-dir", str(self.work_dir), "--sample", str(self.sample),
                  "--batch", str(self.batch), "--seed", str(self.seed)]
+        if self.cheetah_batch != 1:
+            words += ["--cheetah-batch", str(self.cheetah_batch)]
         if self.limit is not None:
             words += ["--limit", str(self.limit)]
         if self.train_len is not None:
@@ -370,15 +377,19 @@ def run_reference(checkpoint: Checkpoint, engine: EngineConfig, data: EncodedSet
 
 def run_cheetah(checkpoint_path: Path, checkpoint: Checkpoint, engine: EngineConfig,
                 examples: Sequence[Example], indices: Sequence[int], results: ResultLog,
-                work_dir: Path, port: int, start_timeout_s: float) -> dict:
-    """Classify the sentences ``indices`` privately, appending each result to ``results``."""
+                work_dir: Path, port: int, start_timeout_s: float, batch: int = 1) -> dict:
+    """Classify the sentences ``indices`` privately, ``batch`` per query, appending each result.
+
+    A query's seconds, bytes and messages are shared by its sentences: each record stores the
+    query's figures divided by the number of sentences in it, and that number.
+    """
     from cipherprompt.secure.client import PrivateClassifier
     from cipherprompt.secure.engine import compile_classifier
     from cipherprompt.secure.launch import ServerProcess
     from cipherprompt.train.teacher import progress_interval
 
     pending = [index for index in indices if index not in results.records]
-    figures = {"queries_this_run": len(pending), "session_seconds": 0.0}
+    figures = {"queries_this_run": 0, "session_seconds": 0.0, "batch": batch}
     if not pending:
         log.info("CHEETAH: all %d sample sentences already done in %s", len(indices),
                  results.path)
@@ -386,9 +397,10 @@ def run_cheetah(checkpoint_path: Path, checkpoint: Checkpoint, engine: EngineCon
 
     # The server starts with the default engine settings, so its program must equal this one.
     expected = compile_classifier(checkpoint.config, checkpoint.plan, checkpoint.max_len,
-                                  engine).digest
+                                  engine, batch=batch).digest
     started = time.perf_counter()
-    server = ServerProcess(checkpoint_path, work_dir, port, start_timeout_s=start_timeout_s)
+    server = ServerProcess(checkpoint_path, work_dir, port, start_timeout_s=start_timeout_s,
+                           extra_args=("--batch", str(batch)))
     with server, PrivateClassifier(server.address, work_dir=work_dir / "client") as client:
         if client.model.digest != expected:
             raise RuntimeError(
@@ -396,29 +408,35 @@ def run_cheetah(checkpoint_path: Path, checkpoint: Checkpoint, engine: EngineCon
                 f"engine {engine.to_dict()} ({expected}); the REF2K comparison would not be "
                 "like for like. Check that cipherprompt serve uses the default engine settings"
             )
-        log.info("CHEETAH: %d of %d sample sentences to run (server log %s)", len(pending),
-                 len(indices), server.log_path)
+        log.info("CHEETAH: %d of %d sample sentences to run, %d per query (server log %s)",
+                 len(pending), len(indices), batch, server.log_path)
         with tqdm(total=len(indices), initial=len(indices) - len(pending), desc="CHEETAH",
-                  unit="query", mininterval=progress_interval()) as progress:
+                  unit="sentence", mininterval=progress_interval()) as progress:
             live = sys.stderr.isatty()
 
             def show_stage(index: int, total: int, name: str) -> None:
                 progress.set_postfix_str(f"stage {index + 1}/{total} {name}", refresh=live)
 
-            for index in pending:
-                prediction = client.classify(examples[index].text, truncate=True,
-                                             progress=show_stage)
+            for start in range(0, len(pending), batch):
+                chunk = pending[start:start + batch]
+                predictions = client.classify_batch(
+                    [examples[index].text for index in chunk], truncate=True,
+                    progress=show_stage)
+                cost = predictions[0].cost
+                share = len(chunk)
                 results.append([{
                     "index": index,
                     "logits": prediction.logits.astype(float).tolist(),
-                    "seconds": prediction.cost.wall_seconds,
-                    "bytes_sent": prediction.cost.bytes_sent,
-                    "bytes_received": prediction.cost.bytes_received,
-                    "messages": prediction.cost.messages,
+                    "seconds": cost.wall_seconds / share,
+                    "bytes_sent": cost.bytes_sent / share,
+                    "bytes_received": cost.bytes_received / share,
+                    "messages": cost.messages / share,
+                    "query_sentences": share,
                     "num_tokens": prediction.num_tokens,
                     "program_sha256": client.model.digest,
-                }])
-                progress.update(1)
+                } for index, prediction in zip(chunk, predictions)])
+                figures["queries_this_run"] += 1
+                progress.update(len(chunk))
     figures["session_seconds"] = time.perf_counter() - started
     return figures
 
@@ -502,6 +520,8 @@ def _cheetah_rows(indices, examples, float_logits, ref2k_logits, records) -> lis
             "seconds": records[index]["seconds"],
             "bytes_sent": records[index]["bytes_sent"],
             "bytes_received": records[index]["bytes_received"],
+            # Records written before batched queries came from one-sentence queries.
+            "query_sentences": records[index].get("query_sentences", 1),
         })
     return rows
 
@@ -594,7 +614,8 @@ def _evaluate_locked(config: EvaluateConfig, checkpoint: Checkpoint,
     if indices:
         cheetah_timing = run_cheetah(config.checkpoint, checkpoint, cheetah_engine, examples,
                                      indices, cheetah_results, config.work_dir / "cheetah",
-                                     config.port, config.server_start_timeout_s)
+                                     config.port, config.server_start_timeout_s,
+                                     config.cheetah_batch)
         sections["cheetah"] = cheetah_section()
     report = _write_report(config, checkpoint, sections, started)
     log.info("report written to %s", config.work_dir / REPORT_NAME)
@@ -657,7 +678,8 @@ def _cheetah_section(engine, indices, examples, labels, float_logits, ref2k_logi
         "vs_ref2k": compare_logits(ref2k_logits[done], private, done),
         "vs_float": compare_logits(float_logits[done], private, done),
         "ref2k_vs_float_on_sample": compare_logits(float_logits[done], ref2k_logits[done], done),
-        "mean_query_seconds": float(np.mean([row["seconds"] for row in rows])),
+        # Per sentence: a query of several sentences counts its figures divided among them.
+        "mean_sentence_seconds": float(np.mean([row["seconds"] for row in rows])),
         "mean_bytes_sent": float(np.mean([row["bytes_sent"] for row in rows])),
         "mean_bytes_received": float(np.mean([row["bytes_received"] for row in rows])),
         "sentences": rows,
@@ -698,6 +720,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              f"checkpoint's training length, else {DEFAULT_TRAIN_LEN})")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the split by movie and of the sample order (default: 0)")
+    parser.add_argument("--cheetah-batch", type=int, default=1,
+                        help="sentences per CHEETAH query; larger batches share the products "
+                             "with the weights but need more memory (default: %(default)s)")
     parser.add_argument("--port", type=int, default=0,
                         help="CHEETAH server port on 127.0.0.1; 0 picks a free one (default)")
     parser.set_defaults(handler=cmd_evaluate)
@@ -710,7 +735,8 @@ def cmd_evaluate(args) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     config = EvaluateConfig(checkpoint=args.checkpoint, work_dir=args.work_dir,
                             sample=args.sample, batch=args.batch, limit=args.limit,
-                            seed=args.seed, train_len=args.train_len, port=args.port)
+                            seed=args.seed, train_len=args.train_len, port=args.port,
+                            cheetah_batch=args.cheetah_batch)
     report = evaluate(config)
     print(format_summary(report))
     return 0
@@ -740,6 +766,6 @@ def format_summary(report: dict) -> str:
             f"{cheetah['vs_ref2k']['label_agreement']:.2%} (max logit difference "
             f"{cheetah['vs_ref2k']['max_logit_difference']:.2e}), to float32 for "
             f"{cheetah['vs_float']['label_agreement']:.2%}; "
-            f"{cheetah['mean_query_seconds']:.0f} s per query"
+            f"{cheetah['mean_sentence_seconds']:.0f} s per sentence"
         )
     return "\n".join(lines)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 from cipherprompt.ops import ACTIVATIONS, ATTENTION_NORMALISERS, LAYER_NORMALISERS
 
@@ -47,6 +47,9 @@ PRESET_HELP = {
     "friendly": "every layer substituted: ReLU, 2Quad attention, LayerNorm",
     "friendly-first-K": "layers 0..K-1 as in 'friendly', the rest as in 'exact'",
     "decoder-exact": "the original Llama operators (SiLU, causal softmax, RMSNorm); decoders only",
+    "PRESET+KIND=NAME": "a preset with one operator kind replaced in every layer, e.g. "
+                        "exact+activation=relu; kinds: activation, attention_normaliser, "
+                        "layer_normaliser",
 }
 
 
@@ -85,7 +88,14 @@ class OperatorPlan:
 
     @classmethod
     def preset(cls, name: str, num_layers: int) -> OperatorPlan:
-        """Build the named preset for a model with ``num_layers`` layers."""
+        """Build the named preset for a model with ``num_layers`` layers.
+
+        ``BASE+KIND=NAME[+KIND=NAME...]`` replaces operator kinds in every layer of the preset
+        BASE, e.g. ``exact+activation=relu`` substitutes only the activation (an ablation).
+        The embedding normaliser stays the base preset's.
+        """
+        if "+" in name:
+            return cls._with_overrides(name, num_layers)
         if name == "reference":
             return cls(name, (REFERENCE_LAYER,) * num_layers)
         if name == "exact":
@@ -113,6 +123,25 @@ class OperatorPlan:
             f"unknown operator plan {name!r}; valid presets: "
             + ", ".join(f"{key} ({text})" for key, text in PRESET_HELP.items())
         )
+
+    @classmethod
+    def _with_overrides(cls, name: str, num_layers: int) -> OperatorPlan:
+        base_name, *overrides = name.split("+")
+        base = cls.preset(base_name, num_layers)
+        kinds = [field.name for field in fields(LayerPlan)]
+        changes = {}
+        for override in overrides:
+            kind, separator, operator = override.partition("=")
+            if not separator or kind not in kinds or not operator:
+                raise ValueError(
+                    f"invalid override {override!r} in operator plan {name!r}; expected "
+                    f"KIND=NAME with KIND one of {', '.join(kinds)}, e.g. exact+activation=relu"
+                )
+            if kind in changes:
+                raise ValueError(f"operator plan {name!r} replaces {kind} twice")
+            changes[kind] = operator
+        layers = tuple(replace(layer, **changes) for layer in base.layers)
+        return cls(name, layers, base.embedding_normaliser, base.final_normaliser)
 
     def to_dict(self) -> dict:
         data = {

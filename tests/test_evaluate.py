@@ -182,6 +182,21 @@ def test_report_survives_cheetah_failure(finished_run, tmp_path, monkeypatch):
     assert (tmp_path / LOCK_NAME).read_text() == ""  # released after the failure
 
 
+def test_batched_cheetah_resumes_run(finished_run, tmp_path):
+    config, report = finished_run
+    shutil.copytree(config.work_dir, tmp_path, dirs_exist_ok=True)
+    # One sentence is done; the other three run as one query of two and one of one.
+    larger = dataclasses.replace(config, work_dir=tmp_path, sample=4, cheetah_batch=2)
+    again = evaluate(larger, examples=EXAMPLES)
+    cheetah = again["cheetah"]
+    assert cheetah["completed"] == 4
+    assert cheetah["queries_this_run"] == 2
+    assert cheetah["vs_ref2k"]["max_logit_difference"] < PROTOCOL_BOUND
+    assert sorted(row["query_sentences"] for row in cheetah["sentences"]) == [1, 1, 2, 2]
+    assert cheetah["sentences"][0] == report["cheetah"]["sentences"][0]
+    assert "--cheetah-batch 2" in again["command"]
+
+
 def test_rerun_rejects_other_sentences(finished_run):
     config, _ = finished_run
     changed = [Example("an entirely different sentence", 1, "x"), *EXAMPLES[1:]]

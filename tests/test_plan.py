@@ -61,6 +61,38 @@ def test_preset_friendly_first_out_of_range(count):
     assert f"friendly-first-{NUM_LAYERS}" in message
 
 
+def test_preset_override_one_kind():
+    plan = OperatorPlan.preset("exact+activation=relu", NUM_LAYERS)
+
+    assert plan.name == "exact+activation=relu"
+    assert plan.layers == (LayerPlan("relu", "softmax", "layernorm"),) * NUM_LAYERS
+    assert plan.embedding_normaliser == "layernorm"
+
+
+def test_preset_override_two_kinds():
+    plan = OperatorPlan.preset(
+        "friendly-first-2+layer_normaliser=l1_layernorm+activation=quad", NUM_LAYERS)
+
+    assert plan.layers[:2] == (LayerPlan("quad", "2quad", "l1_layernorm"),) * 2
+    assert plan.layers[2:] == (LayerPlan("quad", "softmax", "l1_layernorm"),) * (NUM_LAYERS - 2)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("exact+activation", "KIND=NAME"),
+        ("exact+norm=l1_layernorm", "KIND=NAME"),
+        ("exact+activation=", "KIND=NAME"),
+        ("exact+activation=relu+activation=quad", "replaces activation twice"),
+        ("exact+activation=swish", "invalid activation 'swish'"),
+        ("fast+activation=relu", "unknown operator plan 'fast'"),
+    ],
+)
+def test_preset_override_invalid(name, expected):
+    with pytest.raises(ValueError, match=expected):
+        OperatorPlan.preset(name, NUM_LAYERS)
+
+
 @pytest.mark.parametrize("name", ["fast", "friendly-first-", "friendly-first-x", "Exact"])
 def test_preset_unknown_name_lists_presets(name):
     with pytest.raises(ValueError) as raised:

@@ -29,6 +29,7 @@ from secure_helpers import (
 )
 
 from cipherprompt.secure.client import HandshakeError, PrivateClassifier
+from cipherprompt.secure.handshake import READY_FIELDS
 from cipherprompt.secure.launch import ServerProcess, check_health
 from cipherprompt.secure.wire import (
     PROTOCOL_VERSION,
@@ -42,8 +43,6 @@ IDLE_TIMEOUT_S = 20
 # Long enough for one protocol step of the tiny model on a loaded 2-core machine. The server
 # also gives a client's link this long to connect.
 LINK_TIMEOUT_S = 20
-READY_FIELDS = ("model", "weights_sha256", "tokenizer_sha256", "plan", "plan_sha256", "buckets",
-                "program_sha256")
 
 
 @pytest.fixture(scope="module")

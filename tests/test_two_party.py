@@ -220,3 +220,22 @@ def test_server_survives_silent_connection(server):
     socket.create_connection((host, int(port)), timeout=5).close()
     assert check_health(address)["status"] == "serving"
     assert process.poll() is None
+
+
+def test_batched_query_matches_plaintext(tiny_model, tmp_path):
+    work_dir = tmp_path / "server"
+    with ServerProcess(tiny_model[0], work_dir, extra_args=("--batch", "3"),
+                       start_timeout_s=120) as process:
+        with PrivateClassifier(process.address, work_dir=tmp_path / "client") as client:
+            assert client.batch == 3
+            # Two texts in a three-text query: the client fills the third row with a copy.
+            predictions = client.classify_batch(TEXTS)
+            assert len(predictions) == len(TEXTS)
+            for text, prediction in zip(TEXTS, predictions):
+                expected = _plaintext_logits(tiny_model, client, text)
+                error = np.abs(prediction.logits - expected).max()
+                assert error < LOGIT_BOUND, f"{text!r}: logit error {error:.2e}"
+                assert prediction.query_texts == len(TEXTS)
+            assert predictions[0].cost is predictions[1].cost
+            with pytest.raises(ValueError, match="1 to 3 texts"):
+                client.classify_batch(TEXTS * 2)

@@ -92,6 +92,8 @@ class Prediction:
     num_tokens: int
     # The sequence length the tokens were padded to: the only length the server learns.
     bucket: int = 0
+    # Number of texts the query classified; they share its cost.
+    query_texts: int = 1
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -202,13 +204,16 @@ class PrivateClassifier:
         self.config = BertConfig.from_dict(welcome["architecture"])
         self.plan = OperatorPlan.from_dict(welcome["operator_plan"])
         self.buckets = tuple(int(bucket) for bucket in welcome["buckets"])
+        # Servers before batching existed ran one text per query.
+        self.batch = int(welcome.get("batch", 1))
         self.max_len = max(self.buckets)
         self.label_names = list(welcome["label_names"])
         self.engine = EngineConfig(**welcome["engine"])
         log.info("compiling the programs for %s (plan %s, buckets %s tokens)", welcome["model"],
                  self.plan.name, ", ".join(map(str, self.buckets)))
         self.programs: dict[int, CompiledModel] = {
-            bucket: compile_classifier(self.config, self.plan, bucket, self.engine)
+            bucket: compile_classifier(self.config, self.plan, bucket, self.engine,
+                                       batch=self.batch)
             for bucket in self.buckets
         }
         # The largest bucket's program, for callers that show its stages.
@@ -264,6 +269,7 @@ class PrivateClassifier:
             "plan": self.plan.name,
             "plan_sha256": plan_sha256(self.plan),
             "buckets": list(self.buckets),
+            "batch": self.batch,
             "program_sha256": program_set_sha256(
                 {bucket: program.digest for bucket, program in self.programs.items()}),
         }
@@ -285,20 +291,34 @@ class PrivateClassifier:
 
         ``bucket`` pads to that length bucket instead of the smallest one that fits.
         """
+        return self.classify_batch([text], truncate, progress, bucket)[0]
+
+    def classify_batch(self, texts: list[str], truncate: bool = False, progress=None,
+                       bucket: int | None = None) -> list[Prediction]:
+        """Classify up to ``batch`` texts in one private query, padded to one length bucket.
+
+        The server's programs take exactly ``batch`` texts, so fewer texts are completed with
+        copies of the last one, whose results are dropped. All texts go to the smallest bucket
+        that fits the longest of them, unless ``bucket`` names one.
+        """
         if self._party is None or self._socket is None:
             raise RuntimeError("not connected; call connect() or use the client as a context")
         if not self._session_ok:
             raise RuntimeError("the session failed earlier; open a new one")
-        padded_to = self._choose_bucket(text, truncate, bucket)
-        encoded = self.tokenizer.encode(text, padded_to, truncate=truncate)
+        if not 1 <= len(texts) <= self.batch:
+            raise ValueError(f"a query takes 1 to {self.batch} texts (the server's batch), "
+                             f"got {len(texts)}; split the texts into several queries")
+        padded_to = max(self._choose_bucket(text, truncate, bucket) for text in texts)
+        encoded = [self.tokenizer.encode(text, padded_to, truncate=truncate) for text in texts]
+        rows = encoded + [encoded[-1]] * (self.batch - len(encoded))
+        ids = np.stack([row.ids for row in rows])
+        mask = np.stack([row.mask for row in rows]).astype(np.float32)
         self._raise_pending_server_message()
 
         program = self.programs[padded_to]
-        mask = encoded.mask[None, :]
         party = self._party
         try:
-            party.set_secret("onehot", one_hot(encoded.ids[None, :], self.config.vocab_size),
-                             owner=CLIENT_RANK)
+            party.set_secret("onehot", one_hot(ids, self.config.vocab_size), owner=CLIENT_RANK)
             party.set_secret("mask", mask, owner=CLIENT_RANK)
             party.set_secret("pool", pooling_weights(mask), owner=CLIENT_RANK)
             send_message(self._socket, "query", {"bucket": padded_to})
@@ -311,11 +331,14 @@ class PrivateClassifier:
         except BaseException:
             self._session_ok = False
             raise
-        logits = party.reconstruct(own, share_from_blobs(reply.blobs))[0]
-        probabilities = softmax(logits.astype(np.float64))
-        label = int(np.argmax(logits))
-        name = self.label_names[label] if label < len(self.label_names) else str(label)
-        return Prediction(label, name, probabilities, logits, cost, encoded.length, padded_to)
+        all_logits = party.reconstruct(own, share_from_blobs(reply.blobs))
+        predictions = []
+        for logits, row in zip(all_logits[:len(texts)], encoded):
+            label = int(np.argmax(logits))
+            name = self.label_names[label] if label < len(self.label_names) else str(label)
+            predictions.append(Prediction(label, name, softmax(logits.astype(np.float64)),
+                                          logits, cost, row.length, padded_to, len(texts)))
+        return predictions
 
     def _choose_bucket(self, text: str, truncate: bool, bucket: int | None) -> int:
         """Return the bucket to pad ``text`` to; raise TextTooLongError naming the limit."""

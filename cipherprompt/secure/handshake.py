@@ -24,6 +24,7 @@ READY_FIELDS = (
     "plan",
     "plan_sha256",
     "buckets",
+    "batch",
     "program_sha256",
 )
 

@@ -83,12 +83,18 @@ class ServerConfig:
     work_dir: Path = Path("cipherprompt-server")
     # Sequence lengths in tokens with one compiled program each; None uses the checkpoint's.
     buckets: tuple[int, ...] | None = None
+    # Texts per query. Every program is compiled for this many texts; a client with fewer
+    # fills the rest with copies. Batching amortises the products with the weight matrices
+    # (the embedding table above all) over several texts.
+    batch: int = 1
     # Seconds one step on SPU's link may wait for the client before the session fails.
     link_timeout_s: float = DEFAULT_LINK_TIMEOUT_S
     # Seconds the SPU link keeps trying to reach the client when a session starts.
     link_connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
-    # Seconds a new connection may take for TLS, its first message and the handshake.
-    handshake_timeout_s: float = 120.0
+    # Seconds a new connection may take for TLS, its first message and the handshake. The
+    # handshake includes the client's compilation of every bucket's program, which took over
+    # 120 s for MiniLM with batch 2 on a loaded 2-core machine.
+    handshake_timeout_s: float = 600.0
     # Seconds running queries may take to finish after SIGTERM before their sessions are killed.
     shutdown_grace_s: float = 60.0
     # Certificates for mutual TLS on the control connection and SPU's link; None: no TLS.
@@ -99,6 +105,8 @@ class ServerConfig:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, got {self.max_sessions}")
+        if self.batch < 1:
+            raise ValueError(f"batch must be at least 1, got {self.batch}")
         for name in ("idle_timeout_s", "link_timeout_s", "link_connect_timeout_s",
                      "handshake_timeout_s"):
             if getattr(self, name) <= 0:
@@ -174,13 +182,14 @@ class ModelServer:
         log.info("compiling %s (plan %s, buckets %s tokens) for %s", name,
                  self.checkpoint.plan.name, ", ".join(map(str, self.buckets)), engine.protocol)
         self.programs = {
-            bucket: compile_classifier(model_config, self.checkpoint.plan, bucket, engine)
+            bucket: compile_classifier(model_config, self.checkpoint.plan, bucket, engine,
+                                       batch=config.batch)
             for bucket in self.buckets
         }
         self.weights = named_weights(self.checkpoint.params)
         self.client_shapes = {
-            bucket: {"onehot": (1, bucket, model_config.vocab_size), "mask": (1, bucket),
-                     "pool": (1, bucket)}
+            bucket: {"onehot": (config.batch, bucket, model_config.vocab_size),
+                     "mask": (config.batch, bucket), "pool": (config.batch, bucket)}
             for bucket in self.buckets
         }
         self.terms = {
@@ -191,6 +200,7 @@ class ModelServer:
             "plan": self.checkpoint.plan.name,
             "plan_sha256": plan_sha256(self.checkpoint.plan),
             "buckets": list(self.buckets),
+            "batch": config.batch,
             "program_sha256": program_set_sha256(
                 {bucket: program.digest for bucket, program in self.programs.items()}),
         }
