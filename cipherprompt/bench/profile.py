@@ -317,7 +317,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                         f"{', '.join(model_shapes())}")
     parser.add_argument("--plan", default=None,
                         help="operator plan preset (exact, reference, friendly, "
-                             "friendly-first-K); default: the checkpoint's plan, or exact")
+                             "friendly-first-K, PRESET+KIND=NAME such as "
+                             "exact+activation=relu); default: the checkpoint's plan, or exact")
     parser.add_argument("--seq-len", type=int, default=None,
                         help="tokens per query; default: the checkpoint's serving length, or "
                              f"{DEFAULT_SEQ_LEN}")
