@@ -246,8 +246,12 @@ def measure(classes: list[type], sizes: tuple[int, ...], repeat: int, work_dir: 
                         cost = pair.run(program_key(cls, size))
                         output = pair.reveal("bench:y")
                         pair.delete(["bench:y"])
-                        runs[size].append(run_record(cost, size, inputs["x"].shape))
-                        errors.append(plaintext_error(cls, inputs, output))
+                        record = run_record(cost, size, inputs["x"].shape)
+                        record["max_abs_error"] = plaintext_error(cls, inputs, output)
+                        # Seconds are only as good as the load they ran under.
+                        record["load_average_1_min"] = os.getloadavg()[0]
+                        runs[size].append(record)
+                        errors.append(record["max_abs_error"])
                         progress.update(1)
                 entries[operator_key(cls.kind, cls.name)] = _entry(cls, runs, errors)
     return entries
@@ -269,6 +273,17 @@ def _entry(cls, runs: dict[int, list[dict]], errors: list[float]) -> dict:
         "runs": [run for size in sorted(runs) for run in runs[size]],
         "cheetah_max_abs_error": max(errors),
     }
+
+
+def check_out(out: Path, operators: str | None) -> None:
+    """Raise ValueError when a subset of operators would replace the full results file."""
+    from cipherprompt.ops.costs import RESULTS_PATH
+
+    if operators and Path(out).resolve() == RESULTS_PATH.resolve():
+        raise ValueError(
+            f"--operators measures a subset, which would drop the other operators from "
+            f"{RESULTS_PATH}; pass another --out, or measure every operator"
+        )
 
 
 def parse_sizes(text: str) -> tuple[int, ...]:
@@ -328,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.repeat < 1:
                 raise ValueError(f"--repeat must be at least 1, got {args.repeat}")
             sizes = parse_sizes(args.sizes)
+            check_out(out, args.operators)
             classes = operator_classes(args.operators.split(",") if args.operators else None)
             check_sizes(classes, sizes)
             machine = machine_facts()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -143,6 +144,22 @@ def test_benchmark_rejects_bad_input(tmp_path, args, expected):
     assert result.returncode == 2
     assert expected in result.stderr
     assert not (tmp_path / "costs.json").exists()
+
+
+def _benchmark_module():
+    spec = importlib.util.spec_from_file_location("operator_costs", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_keeps_full_results(tmp_path):
+    check_out = _benchmark_module().check_out
+
+    with pytest.raises(ValueError, match="pass another --out"):
+        check_out(RESULTS_PATH, "activation/relu")
+    check_out(RESULTS_PATH, None)
+    check_out(tmp_path / "costs.json", "activation/relu")
 
 
 def test_results_file_is_committed():

@@ -42,6 +42,8 @@ def _normalise_rows(weights: jax.Array) -> jax.Array:
 
 
 class Softmax(AttentionNormaliser):
+    # NOTE: 1 of 47 calls under CHEETAH in the operator benchmark returned an output off by up
+    # to 2e8 (docs/operators.md). The cause and the rate of such failures are not known.
     name = "softmax"
     formula = "exp(s - max s) * m / sum(exp(s - max s) * m)"
     primitives = "row maximum (comparison tree), exp, one reciprocal per row"
