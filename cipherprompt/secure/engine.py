@@ -203,6 +203,11 @@ def compile_classifier(
                        engine)
     )
 
+    return CompiledModel(stages, program_digest(stages, plan, engine))
+
+
+def program_digest(stages: list[Stage], plan: OperatorPlan, engine: EngineConfig) -> str:
+    """Return the SHA-256 over the stages' names, code and input names, the plan and the engine."""
     digest = hashlib.sha256()
     for stage in stages:
         digest.update(stage.name.encode())
@@ -210,7 +215,32 @@ def compile_classifier(
         digest.update("\n".join(stage.param_names + stage.client_names).encode())
     digest.update(plan.canonical_json().encode())
     digest.update(repr(sorted(engine.to_dict().items())).encode())
-    return CompiledModel(stages, digest.hexdigest())
+    return digest.hexdigest()
+
+
+# Names of the two parts that ``compile_hidden_input`` adds up.
+HIDDEN_SERVER_PART = "param:hidden_input/server_part"
+HIDDEN_CLIENT_PART = "hidden_input/client_part"
+
+
+def compile_hidden_input(config: BertConfig, max_len: int, engine: EngineConfig,
+                         batch: int = 1) -> Stage:
+    """Compile a stage that replaces the embedding: the sum of a server part and a client part.
+
+    Benchmarks of single layers start with it. The sum of a server-owned and a client-owned
+    secret is an additive sharing of the layer's input, as the embedding's output is, and the
+    addition is local, so it costs no communication. Its output has the embedding's name, so the
+    compiled layers take it unchanged. The server part is named like a weight (``param:``).
+    """
+    shape = (batch, max_len, config.hidden_size)
+
+    def hidden_input(server, client):
+        return server["server_part"] + client
+
+    return _compile_stage("hidden_input", hidden_input, ("hidden_input",),
+                          {"server_part": np.zeros(shape, np.float32)},
+                          {HIDDEN_CLIENT_PART: np.zeros(shape, np.float32)}, None,
+                          "hidden:embedding", engine)
 
 
 def named_weights(params: Params) -> dict[str, np.ndarray]:

@@ -66,6 +66,10 @@ class SecureParty:
     talks to the peer, so both parties must create theirs at about the same time. It calls
     ``on_linked`` once the link reached the peer, before the runtime set-up. One runtime
     runs the programs of every length bucket, because the weights do not depend on the length.
+
+    ``server_link`` and ``client_link`` are the link's party list as this party sees it: the
+    link listens on the entry of its own rank and connects to the entry of the peer's rank. So
+    the peer's entry may be a relay's address, and the two parties may pass different lists.
     """
 
     def __init__(self, rank: int, server_link: str, client_link: str, engine: EngineConfig,
