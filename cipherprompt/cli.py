@@ -357,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     from cipherprompt.bench.estimate import add_parser as add_estimate_parser
 
     add_estimate_parser(commands)
+
+    from cipherprompt.bench.compare import add_parser as add_bench_parser
+
+    add_bench_parser(commands)
     return parser
 
 
