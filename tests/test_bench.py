@@ -228,6 +228,35 @@ def test_failed_run_leaves_no_record(tmp_path, monkeypatch):
     assert leftovers == []
 
 
+def _party_record(rank: int) -> dict:
+    stages = [("embedding", 1.0, 10, 20, 4), ("layer0", 2.0, 30, 40, 6),
+              ("layer1", 2.0, 30, 40, 6), ("head", 0.1, 1, 1, 2)]
+    return {"rank": rank, "program_sha256": "same", "stages": [name for name, *_ in stages],
+            "compile_seconds": 1.0, "setup_seconds": 0.5, "peak_rss_kib": 1000,
+            "queries": [_query(5.1, 71, 101, 18, stages)] * 2, "outputs": "unused.npy"}
+
+
+def test_failed_plan_keeps_finished_plans(tmp_path, monkeypatch):
+    def run_session(network, slot, model, *args):
+        if model.plan["name"] == "friendly":
+            raise SessionError("a party process failed")
+        return {"server": _party_record(0), "client": _party_record(1)}
+
+    monkeypatch.setattr("cipherprompt.bench.runner.run_session", run_session)
+    monkeypatch.setattr(compare, "plaintext_max_error", lambda *args: None)
+    out = tmp_path / "record.json"
+    config = BenchConfig(config_overrides=TINY, max_len=8, plans=("exact", "friendly"),
+                         probe=False, out=out, work_dir=tmp_path / "work")
+    with pytest.raises(SessionError, match="plans that finished are recorded"):
+        run_bench(config)
+    record = json.loads(out.read_text())
+    assert record["complete"] is False
+    assert "a party process failed" in record["failure"]
+    assert list(record["plans"]) == ["exact"]
+    assert record["ratios"] == []
+    assert "Incomplete" in out.with_suffix(".md").read_text()
+
+
 # -- end to end -----------------------------------------------------------------------------
 
 
@@ -243,6 +272,7 @@ def test_bench_runs_plans_side_by_side(tmp_path):
     record = run_bench(config)
 
     saved = json.loads(out.read_text())
+    assert saved["complete"] is True
     assert saved["command"] == "cipherprompt bench (test)"
     assert saved["network"]["emulation"] == "loopback"
     assert saved["machine"]["cores"] == os.cpu_count()

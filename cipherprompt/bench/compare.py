@@ -463,7 +463,7 @@ def _bit_rate(bit_s: float) -> str:
 def _setting_lines(record: dict) -> list[str]:
     model, machine, load = record["model"], record["machine"], record["load_average"]
     config = model["config"]
-    return [
+    lines = [
         f"# cipherprompt bench: {model['name']}, {record['max_len']} tokens",
         "",
         (f"- Model: hidden {config['hidden_size']}, {config['num_heads']} heads, FFN "
@@ -476,6 +476,10 @@ def _setting_lines(record: dict) -> list[str]:
          "first (which also pays OT and HE key set-up). Bytes and messages are SPU's profile "
          "on the client."),
     ]
+    if not record.get("complete", True):
+        lines.append(f"- Incomplete: only the plans below finished. {record['failure']}"
+                     .splitlines()[0])
+    return lines
 
 
 def _plan_lines(record: dict) -> list[str]:
@@ -554,10 +558,13 @@ def default_out(config: BenchConfig, max_len: int) -> Path:
 
 
 def run_bench(config: BenchConfig) -> dict:
-    """Run every plan's session on the emulated network; write and return the record."""
-    from cipherprompt.bench.network import EmulatedNetwork
-    from cipherprompt.bench.party import truncated
-    from cipherprompt.bench.runner import probe_link, run_session
+    """Run every plan's session on the emulated network; write and return the record.
+
+    When a plan's session fails, the plans that finished before it are written with
+    ``complete`` false and the failure, and the SessionError is raised again. Nothing is
+    written when no plan finished, or when the run was interrupted.
+    """
+    from cipherprompt.bench.runner import SessionError
     from cipherprompt.secure.engine import EngineConfig
 
     started = time.time()
@@ -567,15 +574,57 @@ def run_bench(config: BenchConfig) -> dict:
     out = config.out or default_out(config, max_len)
     work_dir = config.work_dir / f"run-{os.getpid()}"
     inputs_path = work_dir / "inputs.npz"
-    inputs = _write_inputs(config, model_config, max_len, inputs_path)
-    engine = EngineConfig().to_dict()
-    machine = machine_facts()
+    context = {
+        "command": config.command,
+        "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+        "max_len": max_len,
+        "queries": config.queries,
+        "inputs": _write_inputs(config, model_config, max_len, inputs_path),
+        "engine": EngineConfig().to_dict(),
+        "machine": machine_facts(),
+    }
     load_start = list(os.getloadavg())
+
     sessions: dict[str, dict] = {}
+    context["network"] = {}
+    failure = None
+    try:
+        _run_sessions(config, setups, max_len, context["engine"], inputs_path, work_dir,
+                      sessions, context["network"])
+    except SessionError as error:
+        failure = error
+        if not sessions:
+            raise
+    # The plaintext checks run after the sessions, so the parties had the memory to themselves.
+    context["load_average"] = {"start": load_start, "end": list(os.getloadavg())}
+    plans = {setup.name: _plan_record(setup, sessions[setup.name], accuracy.get(setup.name),
+                                      max_len, inputs_path, model_config)
+             for setup in setups if setup.name in sessions}
+    record = _build_record(config, context, plans, model_config, setups[0])
+    record["seconds"] = time.time() - started
+    record["complete"] = failure is None
+    if failure is not None:
+        record["failure"] = str(failure)
+    write_text_atomically(out, json.dumps(record, indent=2))
+    write_text_atomically(out.with_suffix(".md"), format_report(record))
+    if failure is not None:
+        raise SessionError(f"{failure}\nthe plans that finished are recorded in {out}")
+    record["out"] = str(out)
+    return record
+
+
+def _run_sessions(config: BenchConfig, setups: list[PlanSetup], max_len: int, engine: dict,
+                  inputs_path: Path, work_dir: Path, sessions: dict, network_record: dict) -> None:
+    """Run each plan's session in turn, filling ``sessions`` and ``network_record``.
+
+    Raises SessionError from the first plan that fails, with the earlier plans in ``sessions``.
+    """
+    from cipherprompt.bench.network import EmulatedNetwork
+    from cipherprompt.bench.runner import probe_link, run_session
 
     with EmulatedNetwork(config.network, work_dir, config.use_namespaces,
                          config.force_relay) as network:
-        network_record = network.describe()
+        network_record.update(network.describe())
         if config.probe:
             log.info("measuring the emulated link")
             network_record["measured"] = probe_link(network, work_dir / "probe")
@@ -589,48 +638,36 @@ def run_bench(config: BenchConfig) -> dict:
             log.info("plan %s: %.1f s and %s per query", setup.name, figures["seconds"],
                      _format_bytes(figures["bytes_client_to_server"]
                                    + figures["bytes_server_to_client"]))
-    # The plaintext checks run after the sessions, so the parties had the memory to themselves.
-    load_end = list(os.getloadavg())
-    plans = {setup.name: _plan_record(setup, sessions[setup.name], accuracy.get(setup.name),
-                                      max_len, inputs_path, model_config)
-             for setup in setups}
 
-    run_config, _ = truncated(setups[0].model)
-    stage_names = plans[setups[0].name]["stages_run"]
+
+def _build_record(config: BenchConfig, context: dict, plans: dict, model_config: dict,
+                  first: PlanSetup) -> dict:
+    """Assemble the JSON record from the run's context and the plans that finished."""
+    from cipherprompt.bench.party import truncated
+
+    run_config, _ = truncated(first.model)
+    stage_names = next(iter(plans.values()))["stages_run"]
     record = {
-        "command": config.command,
-        "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
-        "seconds": time.time() - started,
+        **context,
         "model": {
             "name": config.model + (" (changed by --config)" if config.config_overrides else ""),
             "config": model_config,
             "run_layers": run_config.num_layers,
             "stages": stage_names,
         },
-        "max_len": max_len,
-        "queries": config.queries,
-        "inputs": inputs,
-        "engine": engine,
-        "network": network_record,
-        "machine": machine,
-        "load_average": {"start": load_start, "end": load_end},
         "plans": plans,
         "ratios": ratios(plans),
     }
     if run_config.num_layers < model_config["num_layers"]:
+        others = [name for name in stage_names if not name.startswith("layer")]
         record["extrapolation"] = {
             "layers": model_config["num_layers"],
             "rule": (f"{model_config['num_layers']} x the measured layer's SPU seconds, bytes "
-                     "and messages, plus the other stages run ("
-                     + (", ".join(name for name in stage_names if not name.startswith("layer"))
-                        or "none") + ")"
+                     f"and messages, plus the other stages run ({', '.join(others) or 'none'})"
                      + ("" if "embedding" in stage_names else "; the embedding is not included")
                      + ("" if "head" in stage_names else "; the head is not included")),
         }
         record["extrapolated_ratios"] = ratios(plans, "extrapolated")
-    write_text_atomically(out, json.dumps(record, indent=2))
-    write_text_atomically(out.with_suffix(".md"), format_report(record))
-    record["out"] = str(out)
     return record
 
 
