@@ -484,6 +484,29 @@ def prefill(
     return lm_head(params, config, hidden[:, -1]), pad_cache(cache, capacity)
 
 
+def prompt_context(config: LlamaConfig, key_mask: jax.Array) -> tuple[jax.Array, tuple]:
+    """Return (attention mask, rotary tables) of a prompt at positions 0..length-1.
+
+    ``key_mask`` [batch, length] is 0.0 on padding, as in ``attention_mask``.
+    """
+    length = key_mask.shape[1]
+    cos, sin = rotary_tables(np.arange(length)[None, :], config.head_size, config.rope_theta)
+    return attention_mask(0, length, key_mask), (cos[:, None], sin[:, None])
+
+
+def step_context(config: LlamaConfig, key_mask: jax.Array, index) -> tuple[jax.Array, tuple]:
+    """Return (attention mask, rotary tables) of one token at the cache slot ``index``.
+
+    ``key_mask`` [batch, capacity] marks the slots the token attends to; it always attends to
+    its own slot, as in ``attention_mask``. ``index`` may be traced.
+    """
+    capacity = key_mask.shape[1]
+    rotary = rotary_at(index, capacity, config.head_size, config.rope_theta)
+    own_slot = jnp.arange(capacity)[None, :] == index
+    mask = jnp.where(own_slot, 1.0, key_mask)[:, None, None, None, :]
+    return mask, rotary
+
+
 def decode_step(
     params: Params,
     config: LlamaConfig,
@@ -506,10 +529,7 @@ def decode_step(
     if key_mask.shape != (tokens.shape[0], capacity):
         raise ValueError(f"key_mask has shape {key_mask.shape}, expected "
                          f"[{tokens.shape[0]}, {capacity}]: one entry per cache slot")
-    rotary = rotary_at(index, capacity, config.head_size, config.rope_theta)
-    # The token always attends to its own slot, as in attention_mask.
-    own_slot = jnp.arange(capacity)[None, :] == index
-    mask = jnp.where(own_slot, 1.0, key_mask)[:, None, None, None, :]
+    mask, rotary = step_context(config, key_mask, index)
 
     x = embed(params, jnp.asarray(tokens))
     new_cache = []
