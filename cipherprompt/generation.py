@@ -149,8 +149,12 @@ def cmd_generate(args) -> int:
     from cipherprompt.cli import _tls_files
     from cipherprompt.sampling import SamplingConfig
     from cipherprompt.secure.generator import PrivateGenerator
+    from cipherprompt.tokenizer import EmptyTextError
 
     prompt = _read_prompt(args.prompt)
+    if not prompt.strip():
+        # Checked before connecting, which compiles the programs and sets up the runtime.
+        raise EmptyTextError("the prompt is empty; pass the text to continue")
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -163,7 +167,7 @@ def cmd_generate(args) -> int:
         max_new_tokens = args.max_new_tokens or client.max_new_tokens
         printer = _TokenPrinter(client.tokenizer, sys.stdout)
         generation = client.generate(prompt_ids, max_new_tokens, sampling, on_token=printer,
-                                     recompute=args.recompute)
+                                     recompute=args.recompute, hide_length=args.hide_length)
         printer.finish()
         report = generation_report(generation, client, sampling, args.recompute)
     print(format_summary(report), file=sys.stderr)
@@ -219,6 +223,9 @@ def add_parsers(commands) -> None:
                           help="seed of the sampler, to repeat a sampled continuation")
     generate.add_argument("--no-chat", action="store_true",
                           help="send the prompt as it is, without the model's chat template")
+    generate.add_argument("--hide-length", action="store_true",
+                          help="run all --max-new-tokens steps even after the end of the "
+                               "answer, so the server does not learn the answer's length")
     generate.add_argument("--recompute", action="store_true",
                           help="rerun the whole prefix for every token instead of the "
                                "key/value cache, to measure what the cache saves")

@@ -155,6 +155,25 @@ def test_second_generation_in_session(server, tiny_decoder, tmp_path):
     assert second.token_ids == generate_greedy(params, CONFIG, PLAN, ids, 3)
 
 
+def test_hide_length_runs_all_steps(server, tiny_decoder, tmp_path):
+    _, params = tiny_decoder
+    ids = list(PROMPT.encode())
+    expected = generate_greedy(params, CONFIG, PLAN, ids, 2)
+    with PrivateGenerator(server.address, work_dir=tmp_path) as client:
+        # The random model never chooses the byte tokenizer's end id, so its second choice
+        # becomes the end-of-sequence token.
+        client.tokenizer.eos_id = expected[1]
+        stopped = client.generate(ids, 4)
+        hidden = client.generate(ids, 4, hide_length=True)
+
+    assert stopped.token_ids == expected
+    assert stopped.stop_reason == "eos"
+    assert len(stopped.runs) == 2
+    assert hidden.token_ids == expected
+    assert hidden.stop_reason == "eos"
+    assert [run.kind for run in hidden.runs] == ["prompt", "step", "step", "step"]
+
+
 def test_generate_command_streams_and_reports(server, tmp_path):
     report_path = tmp_path / "report.json"
     result = subprocess.run(

@@ -3,8 +3,8 @@
 The client tokenizes the prompt locally and infeeds it as one-hot rows that only it owns,
 left-padded to the smallest of the server's prompt buckets that fits. Each run's logits are
 reconstructed by the client alone, from its own output share and the share the server sends.
-The client samples the next token and feeds it to the next step as a new private one-hot row;
-the keys and values of earlier positions stay as secret shares in the session's SPU runtime
+The client samples the next token and feeds it to the next step as a new private one-hot row.
+The keys and values of earlier positions stay as secret shares in the session's SPU runtime
 (see ``decoder.py``). The server learns the bucket and the number of steps.
 
 With ``recompute=True`` every token after the first runs the prompt program again on the whole
@@ -84,7 +84,7 @@ class Generation:
     text: str
     prompt_tokens: int
     bucket: int
-    # "eos" when the model ended its answer, "max_new_tokens" when the limit ended it.
+    # "eos" when the model chose its end-of-sequence token, "max_new_tokens" at the limit.
     stop_reason: str
     runs: list[RunCost] = field(default_factory=list)
     # The logits each run produced, in order: the prompt's first.
@@ -157,12 +157,14 @@ class PrivateGenerator(PrivateSession):
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int,
                  sampling: SamplingConfig = SamplingConfig(),
                  on_token: Callable[[int], None] | None = None, recompute: bool = False,
-                 stop_at_eos: bool = True) -> Generation:
+                 stop_at_eos: bool = True, hide_length: bool = False) -> Generation:
         """Generate up to ``max_new_tokens`` tokens after ``prompt_ids``, privately.
 
-        ``on_token`` gets each new id as soon as it is chosen. Generation stops after the
-        tokenizer's end-of-sequence id unless ``stop_at_eos`` is False. Raises ValueError, or
-        TextTooLongError, before anything is sent when the request cannot fit the server.
+        ``on_token`` gets each new id as soon as it is chosen. The generation ends after the
+        tokenizer's end-of-sequence id unless ``stop_at_eos`` is False. With ``hide_length``
+        the steps go on to ``max_new_tokens`` after that id and their tokens are dropped, so
+        the server learns only ``max_new_tokens``, not the answer's length. Raises ValueError,
+        or TextTooLongError, before anything is sent when the request cannot fit the server.
         """
         self._check_connected()
         prompt_ids = [int(token) for token in prompt_ids]
@@ -172,24 +174,29 @@ class PrivateGenerator(PrivateSession):
 
         eos = self.tokenizer.eos_id if stop_at_eos else None
         generation = Generation([], "", len(prompt_ids), bucket, "max_new_tokens")
+        # Every chosen token, also those that hide_length drops after the end-of-sequence token.
+        chosen: list[int] = []
         logits = self._run_prompt(prompt_ids, bucket, generation, "prompt")
         while True:
             token = sampler(logits)
-            generation.token_ids.append(token)
-            if on_token is not None:
-                on_token(token)
-            if token == eos:
-                generation.stop_reason = "eos"
+            chosen.append(token)
+            if generation.stop_reason != "eos":
+                generation.token_ids.append(token)
+                if on_token is not None:
+                    on_token(token)
+                if token == eos:
+                    generation.stop_reason = "eos"
+            if generation.stop_reason == "eos" and not hide_length:
                 break
-            if len(generation.token_ids) == max_new_tokens:
+            if len(chosen) == max_new_tokens:
                 break
             if recompute:
-                prefix = prompt_ids + generation.token_ids
+                prefix = prompt_ids + chosen
                 logits = self._run_prompt(prefix, pick_bucket(len(prefix), self.buckets),
                                           generation, "recompute")
             else:
-                logits = self._run_step(token, bucket, len(prompt_ids),
-                                        len(generation.token_ids) - 1, generation)
+                logits = self._run_step(token, bucket, len(prompt_ids), len(chosen) - 1,
+                                        generation)
         generation.text = self.tokenizer.decode(generation.token_ids, skip_special_tokens=True)
         return generation
 
