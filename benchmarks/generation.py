@@ -6,9 +6,9 @@ per mode, each in its own client process so that each peak memory is its own:
 - ``cache``: the prompt program once, then one step program per token on the secret cache;
 - ``recompute``: the prompt program again on the whole prefix for every token.
 
-Writes one JSON file with both reports (prompt phase and every step separately, with seconds,
-bytes and messages), the peak memory (VmHWM) of each client process, of the server's session
-process and of the server process, and the per-token ratio of the two modes.
+Writes one JSON file with both reports, which give the prompt phase and every step separately
+with seconds, bytes and messages. It adds the peak memory (VmHWM) of each client process, of
+the server's session process and of the server process, and the per-token ratio of the modes.
 
 ``--reference-layers N`` instead checks the fixed-point precision in this process: it runs the
 first N layers of the model under SPU's REF2K protocol and compares every run's logits with

@@ -1,6 +1,6 @@
 """Choosing the next token from a decoder's logits: greedy, temperature and top-k, seeded.
 
-Private generation samples on the client, the only party that sees the logits.
+Private generation samples on the client, because only the client reconstructs the logits.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How the next token is chosen; the defaults choose greedily."""
+    """Settings of the next-token choice; the defaults choose greedily."""
 
     # 0 picks the most likely token (greedy); above 0 samples from softmax(logits / temperature).
     temperature: float = 0.0

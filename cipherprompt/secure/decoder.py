@@ -10,8 +10,8 @@ owns every token.
   capacity, as the secret variables ``cache:layerN:keys`` and ``cache:layerN:values``. They
   stay inside the runtime, like the classifier's hidden states between stages.
 - The step program takes the previous token as the client's one-hot row (``token``
-  [1, 1, vocab]), a key mask over every cache slot (``step_mask`` [1, capacity]) and the slot
-  to write (``position``, a public int32 that each party infeeds itself). It attends over all
+  [1, 1, vocab]) and a key mask over every cache slot (``step_mask`` [1, capacity]). The slot
+  to write is ``position``, a public int32 that each party infeeds itself. It attends over all
   slots, writes the token's keys and values into its slot, and outputs that token's logits.
 
 Left padding puts the last prompt token in the bucket's last slot, so the prompt's logits are
@@ -302,8 +302,8 @@ class DecoderRequests:
 class ReferenceDecoder:
     """The decoder's prompt and step programs under SPU's REF2K protocol, in this process.
 
-    REF2K computes the same fixed-point arithmetic as CHEETAH without cryptography, in one
-    runtime of world size 1 that holds both parties' inputs: a fast check of the programs'
+    REF2K computes the same fixed-point arithmetic as CHEETAH without cryptography. One
+    runtime of world size 1 contains both parties' inputs. It is a fast check of the programs'
     precision, and of the cache against recomputing the prefix.
     """
 

@@ -1,8 +1,8 @@
 """The server role for private text generation: a decoder's weights behind ``ModelServer``.
 
 The decoder comes from a GGUF file (by default the packaged SmolLM2-135M-Instruct) or from a
-cipherprompt checkpoint of the Llama family. Sessions, the handshake, TLS, health probes,
-shutdown and the child process per session are ``ModelServer``'s; this module adds what a
+cipherprompt checkpoint of the Llama family. ``ModelServer`` runs the sessions, the handshake,
+TLS, health probes, shutdown and the child process per session. This module adds what a
 generation session runs (``decoder.DecoderRequests``) and what its handshake announces.
 """
 
@@ -30,7 +30,7 @@ DEFAULT_MAX_NEW_TOKENS = 16
 
 @dataclass(frozen=True)
 class DecoderSource:
-    """Where the decoder's weights come from, and how much of it to serve."""
+    """The decoder's weight file and the part of the model to serve."""
 
     # A GGUF file, or a cipherprompt checkpoint of the Llama family (.npz); exactly one is set.
     gguf: Path | None = None
@@ -133,7 +133,7 @@ def serve_decoder_model(decoder: LoadedDecoder, buckets: tuple[int, ...] | None,
 
 
 class DecoderServer(ModelServer):
-    """A server of private text generation sessions for one decoder."""
+    """Serves private text generation sessions for one decoder."""
 
     def __init__(self, source: DecoderSource, config: ServerConfig, engine: EngineConfig,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):

@@ -147,7 +147,7 @@ def check_weights(checkpoint: Checkpoint, path: Path) -> None:
 
 @dataclass
 class ServedModel:
-    """What a server serves: its handshake terms and what each session's child process runs."""
+    """The served model: its handshake terms and the requests each session's child runs."""
 
     # "classify" or "generate"; a client that asks for the other task is rejected.
     task: str
