@@ -15,6 +15,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from secure_helpers import assert_no_tracebacks, make_tiny_checkpoint, wait_for, wait_for_log
 
 from cipherprompt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cipherprompt.llama_tokenizer import ByteTokenizer, tokenizer_spec
@@ -39,7 +40,6 @@ from cipherprompt.secure.generator import PrivateGenerator
 from cipherprompt.secure.launch import ServerProcess
 from cipherprompt.secure.wire import Message, free_port
 from cipherprompt.tokenizer import EmptyTextError, TextTooLongError
-from secure_helpers import assert_no_tracebacks, make_tiny_checkpoint, wait_for, wait_for_log
 
 CONFIG = LlamaConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                      intermediate_size=96, max_positions=128, rope_theta=10000.0)

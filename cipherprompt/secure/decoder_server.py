@@ -23,7 +23,7 @@ from cipherprompt.secure.server import ModelServer, ServedModel, ServerConfig
 
 log = logging.getLogger(__name__)
 
-# Prompt bucket when the operator names none: SmolLM2's chat template alone takes 31 tokens.
+# Prompt bucket when the operator names none: SmolLM2's chat template alone takes 30 tokens.
 DEFAULT_DECODER_BUCKETS = (48,)
 DEFAULT_MAX_NEW_TOKENS = 16
 

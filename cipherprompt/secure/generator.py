@@ -155,21 +155,22 @@ class PrivateGenerator(PrivateSession):
         return self.tokenizer.encode(text)
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int,
-                 sampling: SamplingConfig = SamplingConfig(),
+                 sampling: SamplingConfig | None = None,
                  on_token: Callable[[int], None] | None = None, recompute: bool = False,
                  stop_at_eos: bool = True, hide_length: bool = False) -> Generation:
         """Generate up to ``max_new_tokens`` tokens after ``prompt_ids``, privately.
 
-        ``on_token`` gets each new id as soon as it is chosen. The generation ends after the
-        tokenizer's end-of-sequence id unless ``stop_at_eos`` is False. With ``hide_length``
-        the steps go on to ``max_new_tokens`` after that id and their tokens are dropped, so
-        the server learns only ``max_new_tokens``, not the answer's length. Raises ValueError,
-        or TextTooLongError, before anything is sent when the request cannot fit the server.
+        ``sampling`` defaults to greedy choice. ``on_token`` gets each new id as soon as it
+        is chosen. The generation ends after the tokenizer's end-of-sequence id unless
+        ``stop_at_eos`` is False. With ``hide_length`` the steps go on to ``max_new_tokens``
+        after that id and their tokens are dropped, so the server learns only
+        ``max_new_tokens``, not the length of the output. Raises ValueError, or
+        TextTooLongError, before anything is sent when the request cannot fit the server.
         """
         self._check_connected()
         prompt_ids = [int(token) for token in prompt_ids]
         bucket = self._check_request(prompt_ids, max_new_tokens, recompute)
-        sampler = Sampler(sampling, self.config.vocab_size)
+        sampler = Sampler(sampling or SamplingConfig(), self.config.vocab_size)
         self._raise_pending_server_message()
 
         eos = self.tokenizer.eos_id if stop_at_eos else None
