@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+
 import jax
 import numpy as np
 import spu
@@ -108,6 +109,10 @@ class Stage:
     param_names: list[str]
     client_names: list[str]
     output_name: str
+    # Inputs that both parties infeed themselves as public values, such as a cache position.
+    public_names: list[str] = field(default_factory=list)
+    # Outputs that stay in the runtime after the run, such as a decoder layer's cache.
+    extra_outputs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -126,20 +131,32 @@ def _leaf_name(path) -> str:
 
 def _param_names(prefix: tuple, subtree) -> list[str]:
     leaves, _ = jax.tree_util.tree_flatten_with_path(subtree)
-    base = "/".join(map(str, prefix))
-    return [f"param:{base}/{_leaf_name(path)}" for path, _ in leaves]
+    base = "".join(f"{key}/" for key in prefix)
+    return [f"param:{base}{_leaf_name(path)}" for path, _ in leaves]
 
 
-def _compile_stage(name, function, param_prefix, params, client_inputs, hidden_input, output_name,
-                   engine) -> Stage:
-    """Compile ``function(params, *client_inputs[, hidden])`` with named, secret inputs."""
+def compile_stage(name, function, param_prefix, params, client_inputs, hidden_input, output_name,
+                   engine, public_inputs=None, extra_inputs=None, extra_outputs=()) -> Stage:
+    """Compile ``function(params, *client_inputs, *public_inputs[, hidden], *extra_inputs)``.
+
+    Inputs and outputs are named variables of the runtime. Every input is secret except
+    ``public_inputs``. The first output is ``output_name``, then ``extra_outputs`` in order.
+    """
+    public_inputs = public_inputs or {}
+    extra_inputs = extra_inputs or {}
     param_names = _param_names(param_prefix, params)
     client_names = list(client_inputs)
-    names = param_names + client_names
-    args = [params, *client_inputs.values()]
+    names = param_names + client_names + list(public_inputs)
+    args = [params, *client_inputs.values(), *public_inputs.values()]
     if hidden_input is not None:
         names.append(hidden_input[0])
         args.append(hidden_input[1])
+    names += list(extra_inputs)
+    args += list(extra_inputs.values())
+    visibilities = [
+        libspu.Visibility.VIS_PUBLIC if name in public_inputs else libspu.Visibility.VIS_SECRET
+        for name in names
+    ]
     function.__name__ = f"cipherprompt_{name}"
     executable, _ = frontend.compile(
         frontend.Kind.JAX,
@@ -147,11 +164,28 @@ def _compile_stage(name, function, param_prefix, params, client_inputs, hidden_i
         args,
         {},
         names,
-        [libspu.Visibility.VIS_SECRET] * len(names),
-        lambda outputs: [output_name],
+        visibilities,
+        lambda outputs: [output_name, *extra_outputs],
         copts=compiler_options(engine),
     )
-    return Stage(name, executable, param_names, client_names, output_name)
+    return Stage(name, executable, param_names, client_names, output_name, list(public_inputs),
+                 list(extra_outputs))
+
+
+def program_digest(stages: list[Stage], plan: OperatorPlan, engine: EngineConfig) -> str:
+    """Hash the compiled stages, their variable names, the plan and the engine with SHA-256."""
+    digest = hashlib.sha256()
+    for stage in stages:
+        digest.update(stage.name.encode())
+        digest.update(stage.executable.code)
+        digest.update("\n".join(stage.param_names + stage.client_names).encode())
+        # Only stages that have public inputs or extra outputs add them, so the classifier's
+        # digests stay what they were before these fields existed.
+        if stage.public_names or stage.extra_outputs:
+            digest.update("\n".join(stage.public_names + stage.extra_outputs).encode())
+    digest.update(plan.canonical_json().encode())
+    digest.update(repr(sorted(engine.to_dict().items())).encode())
+    return digest.hexdigest()
 
 
 def compile_classifier(
@@ -179,7 +213,7 @@ def compile_classifier(
         return embed({"embeddings": embeddings}, config, plan, onehot)
 
     stages.append(
-        _compile_stage("embedding", embedding, ("embeddings",), params["embeddings"],
+        compile_stage("embedding", embedding, ("embeddings",), params["embeddings"],
                        {"onehot": client["onehot"]}, None, "hidden:embedding", engine)
     )
     for index in range(config.num_layers):
@@ -189,7 +223,7 @@ def compile_classifier(
                 return encoder_layer(layer_params, config, plan.layers[index], x, mask)[0]
 
         stages.append(
-            _compile_stage(f"layer{index}", layer, ("layers", index), params["layers"][index],
+            compile_stage(f"layer{index}", layer, ("layers", index), params["layers"][index],
                            {"mask": client["mask"]}, (stages[-1].output_name, hidden),
                            f"hidden:layer{index}", engine)
         )
@@ -198,24 +232,12 @@ def compile_classifier(
         return classifier_head({"classifier": classifier}, x, pool)
 
     stages.append(
-        _compile_stage("head", head, ("classifier",), params["classifier"],
+        compile_stage("head", head, ("classifier",), params["classifier"],
                        {"pool": client["pool"]}, (stages[-1].output_name, hidden), "logits",
                        engine)
     )
 
     return CompiledModel(stages, program_digest(stages, plan, engine))
-
-
-def program_digest(stages: list[Stage], plan: OperatorPlan, engine: EngineConfig) -> str:
-    """Return the SHA-256 over the stages' names, code and input names, the plan and the engine."""
-    digest = hashlib.sha256()
-    for stage in stages:
-        digest.update(stage.name.encode())
-        digest.update(stage.executable.code)
-        digest.update("\n".join(stage.param_names + stage.client_names).encode())
-    digest.update(plan.canonical_json().encode())
-    digest.update(repr(sorted(engine.to_dict().items())).encode())
-    return digest.hexdigest()
 
 
 # Names of the two parts that ``compile_hidden_input`` adds up.
@@ -237,7 +259,7 @@ def compile_hidden_input(config: BertConfig, max_len: int, engine: EngineConfig,
     def hidden_input(server, client):
         return server["server_part"] + client
 
-    return _compile_stage("hidden_input", hidden_input, ("hidden_input",),
+    return compile_stage("hidden_input", hidden_input, ("hidden_input",),
                           {"server_part": np.zeros(shape, np.float32)},
                           {HIDDEN_CLIENT_PART: np.zeros(shape, np.float32)}, None,
                           "hidden:embedding", engine)

@@ -107,6 +107,11 @@ class SecureParty:
         )
         self.runtime.set_var(name, shares[self.rank])
 
+    def set_public(self, name: str, value: np.ndarray) -> None:
+        """Infeed a public value; the peer must infeed the same value under the same name."""
+        shares = self.io.make_shares(np.array(value, order="C"), libspu.Visibility.VIS_PUBLIC)
+        self.runtime.set_var(name, shares[self.rank])
+
     def run(self, model: CompiledModel,
             on_stage: Callable[[int, int, str], None] | None = None) -> QueryCost:
         """Run every stage of ``model``; return this party's cost of the run."""
