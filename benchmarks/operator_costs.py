@@ -130,9 +130,9 @@ def compile_programs(classes: list[type], sizes: tuple[int, ...], engine) -> dic
             executable = compile_executable(f"{cls.kind}_{cls.name}", run, [x, mask, norm, norm],
                                             names, ["bench:y"], engine)
             stages = [
-                Stage("prepare", prepare, ["bench:r"], ["bench:x"], ["bench:z"]),
+                Stage("prepare", prepare, ["bench:r"], ["bench:x"], "bench:z"),
                 Stage("operator", executable, ["bench:gamma", "bench:beta"], ["bench:mask"],
-                      ["bench:y"], frees=["bench:z"]),
+                      "bench:y", frees=["bench:z"]),
             ]
             programs[program_key(cls, size)] = CompiledModel(stages, "")
     return programs
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             check_out(out, args.operators)
             classes = operator_classes(args.operators.split(",") if args.operators else None)
             check_sizes(classes, sizes)
-            machine = machine_facts()
+            machine = {**machine_facts(), **load_now()}
             started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             entries = measure(classes, sizes, args.repeat, args.work_dir, args.seed)
             results = {

@@ -19,10 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from cipherprompt.models.bert import BertConfig, Params
+from cipherprompt.models.llama import LlamaConfig
 from cipherprompt.plan import OperatorPlan
 
 FORMAT_VERSION = 1
 _META_KEY = "__meta__"
+# Model families by the "family" entry of the metadata; checkpoints without one are BERT's.
+_CONFIG_CLASSES = {"bert": BertConfig, "llama": LlamaConfig}
 
 
 class CheckpointError(RuntimeError):
@@ -32,7 +35,7 @@ class CheckpointError(RuntimeError):
 @dataclass
 class Checkpoint:
     params: Params
-    config: BertConfig
+    config: BertConfig | LlamaConfig
     plan: OperatorPlan
     max_len: int
     metadata: dict = field(default_factory=dict)
@@ -86,6 +89,7 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "format_version": FORMAT_VERSION,
+        "family": "llama" if isinstance(checkpoint.config, LlamaConfig) else "bert",
         "config": checkpoint.config.to_dict(),
         "plan": checkpoint.plan.to_dict(),
         "max_len": checkpoint.max_len,
@@ -123,7 +127,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
     try:
         meta = json.loads(arrays.pop(_META_KEY).tobytes().decode())
         version = meta.get("format_version")
-        config = BertConfig.from_dict(meta["config"])
+        family = meta.get("family", "bert")
+        if family not in _CONFIG_CLASSES:
+            raise ValueError(f"unknown model family {family!r}; valid families: "
+                             f"{', '.join(_CONFIG_CLASSES)}")
+        config = _CONFIG_CLASSES[family].from_dict(meta["config"])
         plan = OperatorPlan.from_dict(meta["plan"])
         max_len = int(meta["max_len"])
     except (KeyError, ValueError, UnicodeDecodeError) as error:

@@ -66,35 +66,47 @@ def _tls_files(args, need_certificate: bool):
     return files
 
 
-def cmd_serve(args) -> int:
-    from cipherprompt.secure.engine import EngineConfig
+def server_config(args):
+    """Build the ServerConfig of ``serve`` or ``serve-decoder`` from the shared options."""
     from cipherprompt.secure.handshake import parse_buckets
-    from cipherprompt.secure.logs import use_formatter
     from cipherprompt.secure.party import DEFAULT_CONNECT_TIMEOUT_S
-    from cipherprompt.secure.server import ModelServer, ServerConfig
+    from cipherprompt.secure.server import ServerConfig
 
-    use_formatter(args.log_json)
-    if args.buckets is not None and args.max_len is not None:
-        raise ValueError("pass either --max-len or --buckets; --max-len N is the same as "
-                         "--buckets N")
-    config = ServerConfig(
+    return ServerConfig(
         host=args.host, port=args.port, max_sessions=args.max_sessions,
         idle_timeout_s=args.idle_timeout, work_dir=args.work_dir / "server",
         buckets=parse_buckets(args.buckets) if args.buckets is not None else None,
-        batch=args.batch,
+        # serve-decoder has no --batch: a generation runs one prompt at a time.
+        batch=getattr(args, "batch", 1),
         link_timeout_s=args.link_timeout,
         link_connect_timeout_s=min(DEFAULT_CONNECT_TIMEOUT_S, args.link_timeout),
         shutdown_grace_s=args.shutdown_grace,
         handshake_timeout_s=args.handshake_timeout,
         tls=_tls_files(args, need_certificate=True),
     )
-    server = ModelServer(args.checkpoint, config, EngineConfig(protocol=args.protocol),
-                         max_len=args.max_len)
+
+
+def run_server(server) -> int:
+    """Listen, stop on SIGTERM, and serve until stopped."""
     host, port = server.bind()
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     print(f"listening on {host}:{port}", flush=True)
     server.serve_forever()
     return 0
+
+
+def cmd_serve(args) -> int:
+    from cipherprompt.secure.engine import EngineConfig
+    from cipherprompt.secure.logs import use_formatter
+    from cipherprompt.secure.server import ModelServer
+
+    use_formatter(args.log_json)
+    if args.buckets is not None and args.max_len is not None:
+        raise ValueError("pass either --max-len or --buckets; --max-len N is the same as "
+                         "--buckets N")
+    server = ModelServer(args.checkpoint, server_config(args),
+                         EngineConfig(protocol=args.protocol), max_len=args.max_len)
+    return run_server(server)
 
 
 def _read_texts(args) -> list[str]:
@@ -216,81 +228,27 @@ def cmd_demo(args) -> int:
                                port=args.port, epochs=args.epochs))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cipherprompt",
-        description="Private inference of transformer models: the client's text and the "
-                    "server's weights stay private (SPU CHEETAH two-party computation).",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_work_dir_option(sub) -> None:
+    sub.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
+                     help="folder for every output of the run (default: %(default)s)")
 
-    def work_dir_option(sub):
-        sub.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
-                         help="folder for every output of the run (default: %(default)s)")
 
-    demo = commands.add_parser("demo", help="train (once), serve and classify real sentences")
-    work_dir_option(demo)
-    demo.add_argument("--sentences", type=int, default=4,
-                      help="test sentences to classify privately (default: %(default)s)")
-    demo.add_argument("--port", type=int, default=0,
-                      help="server port on 127.0.0.1; 0 picks a free one (default)")
-    demo.add_argument("--epochs", type=int, default=2,
-                      help="teacher epochs when no cached teacher exists (default: %(default)s)")
-    demo.set_defaults(handler=cmd_demo)
+def add_tls_options(sub, certificate_help: str | None) -> None:
+    sub.add_argument("--tls-ca", type=Path, default=None,
+                     help="PEM CA certificate that signs the peer's certificate; turns on TLS")
+    if certificate_help is not None:
+        sub.add_argument("--tls-cert", type=Path, default=None,
+                         help=f"PEM certificate of this {certificate_help}")
+        sub.add_argument("--tls-key", type=Path, default=None,
+                         help="PEM private key of --tls-cert")
 
-    train = commands.add_parser("train", help="fine-tune the exact-operator teacher")
-    work_dir_option(train)
-    train.add_argument("--epochs", type=int, default=2, help="epochs (default: %(default)s)")
-    train.add_argument("--batch-size", type=int, default=32, help="default: %(default)s")
-    train.add_argument("--learning-rate", type=float, default=5e-5, help="default: %(default)s")
-    train.add_argument("--max-len", type=int, default=32,
-                       help="serving sequence length saved in the checkpoint, in tokens "
-                            "(default: %(default)s)")
-    train.add_argument("--seed", type=int, default=0, help="split and training seed")
-    train.add_argument("--train-limit", type=int, default=None,
-                       help="use only the first N training examples (smoke tests)")
-    train.set_defaults(handler=cmd_train)
 
-    baseline = commands.add_parser("baseline", help="TF-IDF + logistic regression baseline")
-    work_dir_option(baseline)
-    baseline.add_argument("--seed", type=int, default=0, help="split seed")
-    baseline.set_defaults(handler=cmd_baseline)
-
-    from cipherprompt.train.distill import add_parser as add_distill_parser
-
-    add_distill_parser(commands)
-
-    from cipherprompt.evaluate import add_parser as add_evaluate_parser
-
-    add_evaluate_parser(commands)
-
-    def tls_options(sub, certificate_help: str | None):
-        sub.add_argument("--tls-ca", type=Path, default=None,
-                         help="PEM CA certificate that signs the peer's certificate; turns on TLS")
-        if certificate_help is not None:
-            sub.add_argument("--tls-cert", type=Path, default=None,
-                             help=f"PEM certificate of this {certificate_help}")
-            sub.add_argument("--tls-key", type=Path, default=None,
-                             help="PEM private key of --tls-cert")
-
-    serve = commands.add_parser("serve", help="run the server role for a checkpoint")
-    work_dir_option(serve)
-    serve.add_argument("--checkpoint", type=Path,
-                       default=DEFAULT_WORK_DIR / "teacher" / "teacher.npz",
-                       help="checkpoint to serve (default: %(default)s)")
+def add_server_options(serve, buckets_help: str) -> None:
+    """Add the options that ``serve`` and ``serve-decoder`` share."""
+    add_work_dir_option(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=7870, help="TCP port (default: %(default)s)")
-    serve.add_argument("--max-len", type=int, default=None,
-                       help="one sequence length in tokens (default: the checkpoint's); "
-                            "same as --buckets N")
-    serve.add_argument("--buckets", default=None,
-                       help="sequence lengths in tokens, comma-separated, e.g. 16,32,64: one "
-                            "program each; clients pad to the smallest that fits")
-    serve.add_argument("--batch", type=int, default=1,
-                       help="texts per query: programs are compiled for this many texts and "
-                            "a client with fewer fills the rest with copies (default: "
-                            "%(default)s)")
+    serve.add_argument("--buckets", default=None, help=buckets_help)
     serve.add_argument("--max-sessions", type=int, default=1,
                        help="sessions at once; more clients get 'busy' (default: %(default)s)")
     serve.add_argument("--idle-timeout", type=float, default=600.0,
@@ -310,11 +268,77 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write log lines as JSON objects, one per line")
     serve.add_argument("--protocol", default="CHEETAH", choices=["CHEETAH", "SEMI2K", "REF2K"],
                        help="SPU protocol; REF2K has no cryptography (default: %(default)s)")
-    tls_options(serve, "server")
+    add_tls_options(serve, "server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cipherprompt",
+        description="Private inference of transformer models: the client's text and the "
+                    "server's weights stay private (SPU CHEETAH two-party computation).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+
+    demo = commands.add_parser("demo", help="train (once), serve and classify real sentences")
+    add_work_dir_option(demo)
+    demo.add_argument("--sentences", type=int, default=4,
+                      help="test sentences to classify privately (default: %(default)s)")
+    demo.add_argument("--port", type=int, default=0,
+                      help="server port on 127.0.0.1; 0 picks a free one (default)")
+    demo.add_argument("--epochs", type=int, default=2,
+                      help="teacher epochs when no cached teacher exists (default: %(default)s)")
+    demo.set_defaults(handler=cmd_demo)
+
+    train = commands.add_parser("train", help="fine-tune the exact-operator teacher")
+    add_work_dir_option(train)
+    train.add_argument("--epochs", type=int, default=2, help="epochs (default: %(default)s)")
+    train.add_argument("--batch-size", type=int, default=32, help="default: %(default)s")
+    train.add_argument("--learning-rate", type=float, default=5e-5, help="default: %(default)s")
+    train.add_argument("--max-len", type=int, default=32,
+                       help="serving sequence length saved in the checkpoint, in tokens "
+                            "(default: %(default)s)")
+    train.add_argument("--seed", type=int, default=0, help="split and training seed")
+    train.add_argument("--train-limit", type=int, default=None,
+                       help="use only the first N training examples (smoke tests)")
+    train.set_defaults(handler=cmd_train)
+
+    baseline = commands.add_parser("baseline", help="TF-IDF + logistic regression baseline")
+    add_work_dir_option(baseline)
+    baseline.add_argument("--seed", type=int, default=0, help="split seed")
+    baseline.set_defaults(handler=cmd_baseline)
+
+    from cipherprompt.train.distill import add_parser as add_distill_parser
+
+    add_distill_parser(commands)
+
+    from cipherprompt.evaluate import add_parser as add_evaluate_parser
+
+    add_evaluate_parser(commands)
+
+
+    serve = commands.add_parser("serve", help="run the server role for a checkpoint")
+    add_server_options(serve, "sequence lengths in tokens, comma-separated, e.g. 16,32,64: one "
+                              "program each; clients pad to the smallest that fits")
+    serve.add_argument("--checkpoint", type=Path,
+                       default=DEFAULT_WORK_DIR / "teacher" / "teacher.npz",
+                       help="checkpoint to serve (default: %(default)s)")
+    serve.add_argument("--max-len", type=int, default=None,
+                       help="one sequence length in tokens (default: the checkpoint's); "
+                            "same as --buckets N")
+    serve.add_argument("--batch", type=int, default=1,
+                       help="texts per query: programs are compiled for this many texts and "
+                            "a client with fewer fills the rest with copies (default: "
+                            "%(default)s)")
     serve.set_defaults(handler=cmd_serve)
 
+    from cipherprompt.generation import add_parsers as add_generation_parsers
+
+    add_generation_parsers(commands)
+
     classify = commands.add_parser("classify", help="classify texts privately (client role)")
-    work_dir_option(classify)
+    add_work_dir_option(classify)
     classify.add_argument("--server", required=True, help="server address HOST:PORT")
     classify.add_argument("--truncate", action="store_true",
                           help="truncate texts longer than the server's largest length bucket")
@@ -333,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "may be repeated")
     classify.add_argument("--json", type=Path, default=None,
                           help="write the prediction and cost of each query as JSON here")
-    tls_options(classify, "client")
+    add_tls_options(classify, "client")
     classify.add_argument("texts", nargs="*", help="texts to classify; '-' reads standard input")
     classify.set_defaults(handler=cmd_classify)
 
@@ -341,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--server", required=True, help="server address HOST:PORT")
     health.add_argument("--timeout", type=float, default=10.0, help="seconds (default: 10)")
     health.add_argument("--json", action="store_true", help="print the whole status as JSON")
-    tls_options(health, None)
+    add_tls_options(health, None)
     health.set_defaults(handler=cmd_health)
 
     certs = commands.add_parser("make-certs",
@@ -357,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     from cipherprompt.bench.estimate import add_parser as add_estimate_parser
 
     add_estimate_parser(commands)
+
+    from cipherprompt.bench.compare import add_parser as add_bench_parser
+
+    add_bench_parser(commands)
 
     from cipherprompt.bench.profile import add_parser as add_profile_parser
 

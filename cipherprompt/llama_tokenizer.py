@@ -4,10 +4,13 @@ A GGUF file of a GPT-2-style vocabulary (``tokenizer.ggml.model = "gpt2"``) stor
 the merges in rank order, each token's type and the special token ids. This module turns them
 into a ``tokenizers`` BPE tokenizer with byte-level pre-tokenization and decoding, so the client
 tokenizes locally from the same file the model comes from. Only metadata is read: no weights.
+
+``ByteTokenizer`` maps UTF-8 bytes to ids, for small test decoders that have no vocabulary file.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -132,3 +135,98 @@ class LlamaTokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tokenizer.id_to_token(token_id)
+
+    def apply_chat_template(self, user_message: str) -> str:
+        """Wrap ``user_message`` in the file's chat template as one user turn, ready for a reply.
+
+        The template is Jinja; it is rendered in Jinja's sandbox, as transformers does, because
+        it comes from the model file. Raises ValueError when the file has no template.
+        """
+        if not self.chat_template:
+            raise ValueError("this tokenizer's GGUF file has no chat template; send the prompt "
+                             "as it is (generate --no-chat)")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        template = environment.from_string(self.chat_template)
+        return template.render(messages=[{"role": "user", "content": user_message}],
+                               add_generation_prompt=True)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids 0..255 and an end-of-sequence id 256, for small test models.
+
+    It has no chat template. A model with a larger vocabulary may produce ids above 256; they
+    decode to U+FFFD.
+    """
+
+    eos_id = 256
+    bos_id = None
+    pad_id = None
+    chat_template = None
+    vocab_size = 257
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        data, pieces = bytearray(), []
+        for token_id in map(int, ids):
+            if token_id < 256:
+                data.append(token_id)
+                continue
+            pieces.append(data.decode("utf-8", errors="replace"))
+            data = bytearray()
+            if token_id != self.eos_id:
+                pieces.append("\ufffd")
+            elif not skip_special_tokens:
+                pieces.append("<eos>")
+        pieces.append(data.decode("utf-8", errors="replace"))
+        return "".join(pieces)
+
+    def apply_chat_template(self, user_message: str) -> str:
+        raise ValueError("the byte tokenizer has no chat template; send the prompt as it is "
+                         "(generate --no-chat)")
+
+
+# The identity of the byte tokenizer in the handshake, in place of a file's SHA-256.
+BYTE_TOKENIZER_SHA256 = hashlib.sha256(b"cipherprompt byte tokenizer, eos 256").hexdigest()
+
+
+def tokenizer_spec(kind: str, sha256: str) -> dict:
+    """Describe a tokenizer for the handshake: ``gguf`` with its file's SHA-256, or ``bytes``."""
+    if kind not in ("gguf", "bytes"):
+        raise ValueError(f"invalid tokenizer kind {kind!r}; valid kinds: gguf, bytes")
+    return {"kind": kind, "sha256": BYTE_TOKENIZER_SHA256 if kind == "bytes" else sha256}
+
+
+def load_tokenizer(spec: dict, gguf_path: Path | None = None) -> LlamaTokenizer | ByteTokenizer:
+    """Build the tokenizer that ``spec`` describes from a local file.
+
+    A ``gguf`` tokenizer comes from ``gguf_path``, by default the packaged SmolLM2 file, and
+    that file's SHA-256 must equal the spec's. Raises ValueError naming the fix otherwise.
+    """
+    from cipherprompt.assets import ASSETS, asset_path, sha256_of
+
+    kind = spec.get("kind")
+    if kind == "bytes":
+        return ByteTokenizer()
+    if kind != "gguf":
+        raise ValueError(f"unknown tokenizer kind {kind!r}; update cipherprompt")
+    if gguf_path is None:
+        packaged = ASSETS["smollm2_gguf"]
+        if spec.get("sha256") != packaged.sha256:
+            raise ValueError(
+                f"the server's tokenizer comes from a GGUF file with SHA-256 {spec.get('sha256')}, "
+                f"not the packaged {packaged.relative_path}; pass that file with --tokenizer PATH"
+            )
+        return LlamaTokenizer(asset_path("smollm2_gguf"))
+    found = sha256_of(gguf_path)
+    if found != spec.get("sha256"):
+        raise ValueError(
+            f"--tokenizer {gguf_path} has SHA-256 {found}, the server's tokenizer file has "
+            f"{spec.get('sha256')}; pass the GGUF file the server's model comes from"
+        )
+    return LlamaTokenizer(gguf_path)

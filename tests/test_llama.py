@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,11 +16,13 @@ from cipherprompt.models.llama import (
     LlamaConfig,
     apply_rotary,
     decode,
+    decode_step,
     forward,
     generate_greedy,
     init_params,
     lm_head,
     param_shapes,
+    prefill,
     rotary_tables,
 )
 from cipherprompt.plan import DECODER_EXACT_LAYER, LayerPlan, OperatorPlan
@@ -345,3 +349,75 @@ def test_encoder_plan_dict_has_no_final_normaliser():
 def test_plan_invalid_final_normaliser():
     with pytest.raises(ValueError, match="invalid final_normaliser 'rms'"):
         OperatorPlan("custom", PLAN.layers, embedding_normaliser=None, final_normaliser="rms")
+
+
+# -- fixed-capacity cache: left-padded prompt, then one token per step ------------------------
+
+
+def left_padded(ids: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad [1, n] ids on the left to ``length`` with id 0; return (ids, key mask)."""
+    padding = length - ids.shape[1]
+    padded = np.concatenate([np.zeros((1, padding), np.int32), ids], axis=1)
+    mask = np.concatenate([np.zeros((1, padding)), np.ones((1, ids.shape[1]))], axis=1)
+    return padded, mask.astype(np.float32)
+
+
+def test_prefill_left_padding_matches_unpadded(params):
+    prompt = random_ids(11, batch=1, length=5)
+    padded, mask = left_padded(prompt, 9)
+
+    logits, cache = prefill(params, CONFIG, PLAN, jnp.asarray(padded), jnp.asarray(mask),
+                            capacity=13)
+    expected = logits_of(params, prompt)[:, -1]
+
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=ATOL, rtol=0)
+    assert cache[0][0].shape == (1, CONFIG.num_kv_heads, 13, CONFIG.head_size)
+    assert not np.any(np.asarray(cache[1][1])[:, :, 9:])
+
+
+def test_padded_rows_stay_finite(params):
+    # Padded query rows would have no visible key without their own: 0/0 in softmax.
+    padded, mask = left_padded(random_ids(12, batch=1, length=2), 6)
+
+    logits, _ = forward(params, CONFIG, PLAN, jnp.asarray(padded), key_mask=jnp.asarray(mask))
+
+    assert np.all(np.isfinite(np.asarray(logits)))
+
+
+def test_decode_steps_match_growing_cache(params):
+    prompt = random_ids(13, batch=1, length=4)
+    followers = random_ids(14, batch=1, length=3)
+    bucket, capacity = 7, 11
+    padded, prompt_mask = left_padded(prompt, bucket)
+
+    _, cache = prefill(params, CONFIG, PLAN, jnp.asarray(padded), jnp.asarray(prompt_mask),
+                       capacity)
+    # The plaintext reference: every position without padding, the cache grown by append.
+    _, reference_cache = forward(params, CONFIG, PLAN, jnp.asarray(prompt))
+    step = jax.jit(partial(decode_step, config=CONFIG, plan=PLAN))
+    for count in range(followers.shape[1]):
+        token = followers[:, count:count + 1]
+        key_mask = np.zeros((1, capacity), np.float32)
+        key_mask[:, :bucket] = prompt_mask
+        key_mask[:, bucket:bucket + count + 1] = 1.0
+        logits, cache = step(params, tokens=jnp.asarray(token), cache=cache,
+                             key_mask=jnp.asarray(key_mask), index=jnp.int32(bucket + count))
+        expected, reference_cache = forward(params, CONFIG, PLAN, jnp.asarray(token),
+                                            reference_cache)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(expected)[:, -1], atol=ATOL,
+                                   rtol=0, err_msg=f"step {count}")
+
+
+def test_decode_step_rejects_wrong_key_mask(params):
+    _, cache = prefill(params, CONFIG, PLAN, jnp.asarray(random_ids(15, batch=1, length=3)),
+                       jnp.ones((1, 3), jnp.float32), capacity=6)
+
+    with pytest.raises(ValueError, match=r"key_mask has shape \(1, 5\), expected \[1, 6\]"):
+        decode_step(params, CONFIG, PLAN, jnp.zeros((1, 1), jnp.int32), cache,
+                    jnp.ones((1, 5), jnp.float32), 3)
+
+
+def test_prefill_rejects_capacity_below_prompt(params):
+    with pytest.raises(ValueError, match="capacity must lie in"):
+        prefill(params, CONFIG, PLAN, jnp.asarray(random_ids(16, batch=1, length=5)),
+                jnp.ones((1, 5), jnp.float32), capacity=4)

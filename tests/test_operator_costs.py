@@ -48,7 +48,7 @@ def test_results_cover_operator(cls):
 def test_results_record_machine_and_load():
     results = load_results()
 
-    assert results["machine"]["cpu_model"]
+    assert results["machine"]["cpu"]
     assert results["machine"]["usable_cores"] >= 1
     assert len(results["machine"]["load_average_1_5_15_min"]) == 3
     assert len(results["load_after"]["load_average_1_5_15_min"]) == 3

@@ -102,9 +102,9 @@ def test_unreachable_server_error():
 def test_client_rejects_program_mismatch(server, tmp_path, monkeypatch):
     address, process, _ = server
 
-    def compile_other_plan(config, plan, max_len, engine):
+    def compile_other_plan(config, plan, max_len, engine, batch=1):
         return compile_classifier(config, OperatorPlan.preset("friendly", plan.num_layers),
-                                  max_len, engine)
+                                  max_len, engine, batch=batch)
 
     monkeypatch.setattr(client_module, "compile_classifier", compile_other_plan)
     with pytest.raises(HandshakeError, match="program_sha256 differs"):

@@ -1,11 +1,11 @@
-"""Facts about the machine that measured a cost, recorded beside the figures."""
+"""Facts about the machine a measurement ran on, for the records that benchmarks write."""
 
 from __future__ import annotations
 
 import os
 import platform
 import subprocess
-from importlib import metadata
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 
@@ -24,16 +24,34 @@ def _memory_gib() -> float | None:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
                 return round(int(line.split()[1]) / 2**20, 1)
-    except (OSError, ValueError, IndexError):
+    except OSError:
         pass
     return None
 
 
-def _version(package: str) -> str | None:
+def _version(package: str) -> str:
     try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def machine_facts() -> dict:
+    """Return the CPU model, core counts, memory and software versions as flat values.
+
+    The values are flat so that ``cipherprompt estimate`` can print them as ``key value`` pairs.
+    Load varies during a run, so callers record ``os.getloadavg()`` themselves.
+    """
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "memory_gib": _memory_gib(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "spu": _version("spu"),
+        "jax": _version("jax"),
+    }
 
 
 def load_now() -> dict:
@@ -49,18 +67,3 @@ def load_now() -> dict:
     except (OSError, subprocess.TimeoutExpired):
         uptime = None
     return {"load_average_1_5_15_min": [one, five, fifteen], "uptime": uptime}
-
-
-def machine_facts() -> dict:
-    """Describe this machine: CPU model, cores, memory, current load and software versions."""
-    return {
-        "cpu_model": _cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)),
-        "memory_gib": _memory_gib(),
-        **load_now(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "spu": _version("spu"),
-        "jax": _version("jax"),
-    }

@@ -207,7 +207,7 @@ def profile_query(cfg: ProfileConfig, command: str = "") -> dict:
     model = resolve_model(cfg)
     ids, mask = query_tokens(cfg, model)
     engine = EngineConfig()
-    machine = machine_facts()
+    machine = {**machine_facts(), **load_now()}
     blocks = classifier_blocks(model.config, model.plan)
 
     log.info("compiling the staged program and the program by steps (%s, plan %s, %d tokens)",

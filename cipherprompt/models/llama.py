@@ -16,6 +16,12 @@ query and key rows interleaved instead; ``llama_import`` reorders them on import
 Key/value cache: ``decode`` takes the keys and values of earlier positions and returns them with
 the new positions appended, so a generation step runs only its new tokens through the model.
 Positions are public: they are known when the program is traced, like the sequence length.
+
+Fixed-capacity cache, for programs with static shapes: ``prefill`` runs a left-padded prompt and
+returns a cache of ``capacity`` slots, and ``decode_step`` writes one token into the slot
+``index`` and attends over all slots through a key mask. A token's slot is its rotary position.
+Left padding shifts the real tokens' positions, but rotary attention scores depend only on the
+distance between a query and a key, so the logits equal those of the unpadded prompt.
 """
 
 from __future__ import annotations
@@ -159,6 +165,19 @@ def empty_cache(config: LlamaConfig, batch: int) -> KVCache:
     return tuple((empty, empty) for _ in range(config.num_layers))
 
 
+def pad_cache(cache: KVCache, capacity: int) -> KVCache:
+    """Append zero slots to every layer's keys and values up to ``capacity`` positions."""
+    padded = []
+    for keys, values in cache:
+        missing = capacity - keys.shape[2]
+        if missing < 0:
+            raise ValueError(f"the cache contains {keys.shape[2]} positions, more than the "
+                             f"capacity {capacity}")
+        widths = ((0, 0), (0, 0), (0, missing), (0, 0))
+        padded.append((jnp.pad(keys, widths), jnp.pad(values, widths)))
+    return tuple(padded)
+
+
 def rotary_tables(positions: np.ndarray, head_size: int, theta: float) -> tuple[np.ndarray, ...]:
     """Return (cos, sin), each [*positions.shape, head_size] float32, for integer positions.
 
@@ -173,6 +192,21 @@ def rotary_tables(positions: np.ndarray, head_size: int, theta: float) -> tuple[
     # Rotate-half layout: the angle of pair i applies to dimensions i and i + head_size / 2.
     angles = np.concatenate([angles, angles], axis=-1)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rotary_at(index, capacity: int, head_size: int, theta: float) -> tuple[jax.Array, ...]:
+    """Return (cos, sin), each [1, 1, 1, head_size], for the position ``index`` < ``capacity``.
+
+    ``index`` may be traced: the tables of all ``capacity`` positions are constants of the
+    program and ``index`` selects a row, so one program serves every position. Under SPU the
+    index is a public value and the selection costs no interaction.
+    """
+    cos, sin = rotary_tables(np.arange(capacity), head_size, theta)
+
+    def row(table):
+        return jax.lax.dynamic_slice_in_dim(jnp.asarray(table), index, 1, axis=0)[None, None]
+
+    return row(cos), row(sin)
 
 
 def apply_rotary(x: jax.Array, cos: np.ndarray, sin: np.ndarray) -> jax.Array:
@@ -199,8 +233,13 @@ def _attention(
     layer_cache: LayerCache,
     mask: jax.Array,
     rotary: tuple[np.ndarray, np.ndarray],
+    write_index=None,
 ) -> tuple[jax.Array, LayerCache]:
-    """Grouped-query self-attention over cached and new positions; return (output, new cache)."""
+    """Grouped-query self-attention over cached and new positions; return (output, new cache).
+
+    With ``write_index`` None the new positions are appended to the cache. Otherwise the cache
+    has a fixed capacity and the new positions overwrite its slots from ``write_index`` on.
+    """
     batch, seq_len, _ = x.shape
     heads, kv_heads, head_size = config.num_heads, config.num_kv_heads, config.head_size
 
@@ -216,7 +255,10 @@ def _attention(
         key = apply_rotary(key, *rotary)
     # An empty cache is skipped rather than concatenated, so no traced program has a zero-size
     # array in it.
-    if layer_cache[0].shape[2] == 0:
+    if write_index is not None:
+        keys = jax.lax.dynamic_update_slice_in_dim(layer_cache[0], key, write_index, axis=2)
+        values = jax.lax.dynamic_update_slice_in_dim(layer_cache[1], value, write_index, axis=2)
+    elif layer_cache[0].shape[2] == 0:
         keys, values = key, value
     else:
         keys = jnp.concatenate([layer_cache[0], key], axis=2)
@@ -259,15 +301,19 @@ def decoder_layer(
     layer_cache: LayerCache,
     mask: jax.Array,
     rotary: tuple[np.ndarray, np.ndarray],
+    write_index=None,
 ) -> tuple[jax.Array, LayerCache]:
-    """Run one pre-norm decoder layer; return (hidden states, the layer's extended cache)."""
+    """Run one pre-norm decoder layer; return (hidden states, the layer's extended cache).
+
+    ``write_index`` selects the fixed-capacity cache, as in ``_attention``.
+    """
     norm = layer_normaliser(layer_plan.layer_normaliser)
     eps = config.rms_norm_eps
 
     with jax.named_scope("layer_normaliser"):
         normed = norm(x, params["attention_norm"]["gamma"], _NO_SHIFT, eps)
     attended, layer_cache = _attention(params, config, layer_plan, normed, layer_cache, mask,
-                                       rotary)
+                                       rotary, write_index)
     x = x + attended
 
     with jax.named_scope("layer_normaliser"):
@@ -338,8 +384,10 @@ def attention_mask(
     """Return the causal mask of new tokens over all keys, shaped to broadcast against scores.
 
     New token i sits at cache index prefix_len + i and attends to the keys up to that index.
-    ``key_mask`` [batch, prefix_len + seq_len] (1.0 real, 0.0 padding) also hides padded keys.
-    The result is [seq_len, keys], or [batch, 1, 1, seq_len, keys] with a key mask.
+    ``key_mask`` [batch, prefix_len + seq_len] (1.0 real, 0.0 padding) also hides padded keys,
+    except that every new token attends to its own key. So the row of a padded token is never
+    empty, which would make the attention normaliser divide by zero. The result is
+    [seq_len, keys], or [batch, 1, 1, seq_len, keys] with a key mask.
     """
     keys = prefix_len + seq_len
     causal = np.arange(keys)[None, :] <= prefix_len + np.arange(seq_len)[:, None]
@@ -351,7 +399,10 @@ def attention_mask(
             f"key_mask has shape {key_mask.shape}, expected [batch, {keys}]: one entry per "
             f"cached and new position"
         )
-    return (causal[None, :, :] * key_mask[:, None, :])[:, None, None, :, :]
+    own_key = np.arange(keys)[None, :] == prefix_len + np.arange(seq_len)[:, None]
+    # A select on a public condition: under SPU it costs no interaction.
+    visible = jnp.where(own_key[None, :, :], 1.0, key_mask[:, None, :])
+    return (causal[None, :, :] * visible)[:, None, None, :, :]
 
 
 def decode(
@@ -401,10 +452,94 @@ def decode(
                                            mask, rotary)
         new_cache.append(layer_cache)
 
+    return final_norm(params, config, plan, x), tuple(new_cache)
+
+
+def final_norm(params: Params, config: LlamaConfig, plan: OperatorPlan, x: jax.Array) -> jax.Array:
+    """Apply the plan's final normaliser to hidden states [..., hidden_size]."""
     with jax.named_scope("final/layer_normaliser"):
         norm = layer_normaliser(plan.final_normaliser)
-        x = norm(x, params["final_norm"]["gamma"], _NO_SHIFT, config.rms_norm_eps)
-    return x, tuple(new_cache)
+        return norm(x, params["final_norm"]["gamma"], _NO_SHIFT, config.rms_norm_eps)
+
+
+def prefill(
+    params: Params,
+    config: LlamaConfig,
+    plan: OperatorPlan,
+    tokens: jax.Array,
+    key_mask: jax.Array,
+    capacity: int,
+) -> tuple[jax.Array, KVCache]:
+    """Run a left-padded prompt; return (last position's logits [batch, vocab], cache).
+
+    ``tokens`` [batch, length] ids or [batch, length, vocab] one-hot rows sit at positions
+    0..length-1, with the padding first; ``key_mask`` [batch, length] is 0.0 on padding. The
+    cache has ``capacity`` slots, the prompt in the first ``length`` ones and zeros after.
+    """
+    length = tokens.shape[1]
+    if not length <= capacity <= config.max_positions:
+        raise ValueError(f"capacity must lie in [{length}, {config.max_positions}] for a "
+                         f"{length}-token prompt, got {capacity}")
+    hidden, cache = decode(params, config, plan, tokens, key_mask=key_mask)
+    return lm_head(params, config, hidden[:, -1]), pad_cache(cache, capacity)
+
+
+def prompt_context(config: LlamaConfig, key_mask: jax.Array) -> tuple[jax.Array, tuple]:
+    """Return (attention mask, rotary tables) of a prompt at positions 0..length-1.
+
+    ``key_mask`` [batch, length] is 0.0 on padding, as in ``attention_mask``.
+    """
+    length = key_mask.shape[1]
+    cos, sin = rotary_tables(np.arange(length)[None, :], config.head_size, config.rope_theta)
+    return attention_mask(0, length, key_mask), (cos[:, None], sin[:, None])
+
+
+def step_context(config: LlamaConfig, key_mask: jax.Array, index) -> tuple[jax.Array, tuple]:
+    """Return (attention mask, rotary tables) of one token at the cache slot ``index``.
+
+    ``key_mask`` [batch, capacity] marks the slots the token attends to; it always attends to
+    its own slot, as in ``attention_mask``. ``index`` may be traced.
+    """
+    capacity = key_mask.shape[1]
+    rotary = rotary_at(index, capacity, config.head_size, config.rope_theta)
+    own_slot = jnp.arange(capacity)[None, :] == index
+    mask = jnp.where(own_slot, 1.0, key_mask)[:, None, None, None, :]
+    return mask, rotary
+
+
+def decode_step(
+    params: Params,
+    config: LlamaConfig,
+    plan: OperatorPlan,
+    tokens: jax.Array,
+    cache: KVCache,
+    key_mask: jax.Array,
+    index,
+) -> tuple[jax.Array, KVCache]:
+    """Run one token through a fixed-capacity cache; return (logits [batch, vocab], cache).
+
+    ``tokens`` [batch, 1] ids or [batch, 1, vocab] one-hot rows; the token takes slot and
+    rotary position ``index``, which may be traced. ``key_mask`` [batch, capacity] marks the
+    slots it attends to: the real prompt tokens, the earlier steps and ``index`` itself.
+    """
+    _check_plan(plan, config)
+    capacity = _check_cache(cache, config, tokens.shape[0])
+    if tokens.shape[1] != 1:
+        raise ValueError(f"tokens has shape {tokens.shape}, expected one token per row")
+    if key_mask.shape != (tokens.shape[0], capacity):
+        raise ValueError(f"key_mask has shape {key_mask.shape}, expected "
+                         f"[{tokens.shape[0]}, {capacity}]: one entry per cache slot")
+    mask, rotary = step_context(config, key_mask, index)
+
+    x = embed(params, jnp.asarray(tokens))
+    new_cache = []
+    for layer, (layer_params, layer_plan) in enumerate(zip(params["layers"], plan.layers)):
+        with jax.named_scope(f"layer{layer}"):
+            x, layer_cache = decoder_layer(layer_params, config, layer_plan, x, cache[layer],
+                                           mask, rotary, write_index=index)
+        new_cache.append(layer_cache)
+    hidden = final_norm(params, config, plan, x[:, -1])
+    return lm_head(params, config, hidden), tuple(new_cache)
 
 
 def lm_head(params: Params, config: LlamaConfig, hidden: jax.Array) -> jax.Array:

@@ -122,7 +122,7 @@ def render_table(results: dict) -> str:
     sizes = ", ".join(f"{size:,}" for size in results["sizes"])
     lines += [
         "",
-        f"Measured with `{results['command']}` on {results['created']}: {machine['cpu_model']}, "
+        f"Measured with `{results['command']}` on {results['created']}: {machine['cpu']}, "
         f"{machine['usable_cores']} usable cores, {machine['memory_gib']} GiB, spu "
         f"{machine['spu']}, protocol {results['engine']['protocol']} "
         f"({results['engine']['field']}, {results['engine']['fraction_bits']} fractional bits). "

@@ -4,6 +4,9 @@ The client's token ids enter the computation as a one-hot matrix that only the c
 server learns nothing from it but its shape. The client pads its tokens to the smallest of the
 server's length buckets that fits, so the server learns the bucket but not the length. The
 client alone reconstructs the logits from its own output share and the share the server sends.
+
+``PrivateSession`` contains what every task shares (connection, handshake, SPU runtime, close);
+``PrivateClassifier`` adds classification, and ``generator.PrivateGenerator`` text generation.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ __all__ = [
     "HandshakeError",
     "Prediction",
     "PrivateClassifier",
+    "PrivateSession",
     "ServerBusyError",
     "ServerUnreachableError",
 ]
@@ -101,13 +105,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum()
 
 
-class PrivateClassifier:
-    """A session with a cipherprompt server; use as a context manager for several queries.
+class PrivateSession:
+    """A session with a cipherprompt server; use as a context manager for several requests.
 
     ``expected_plan``, ``expected_model`` and ``expected_weights_sha256`` pin what the client
     accepts: the session is rejected, on both sides, when the server's value differs. ``tls``
     contains the CA that signs the server's certificate and this client's certificate and key.
+    Subclasses name their ``task``, compile the programs in ``_prepare`` and add the requests.
     """
+
+    # The task the client requests in its hello; the server rejects a session of another task.
+    task = "classify"
 
     def __init__(self, server: str, work_dir: Path = Path("cipherprompt-client"),
                  connect_timeout_s: float = 10.0, query_timeout_s: float = 1800.0,
@@ -122,13 +130,12 @@ class PrivateClassifier:
                      "plan": expected_plan}
         self.tls = tls
         self.link_timeout_s = link_timeout_s
-        self.tokenizer = WordPieceTokenizer()
         self._socket: socket.socket | None = None
         self._party: SecureParty | None = None
         # False once the session failed: then closing must not wait for the server's link.
         self._session_ok = False
 
-    def __enter__(self) -> PrivateClassifier:
+    def __enter__(self) -> PrivateSession:
         self.connect()
         return self
 
@@ -177,7 +184,7 @@ class PrivateClassifier:
         pins = {name: value for name, value in self.pins.items() if value is not None}
         try:
             send_message(self._socket, "hello", {"protocol_version": PROTOCOL_VERSION,
-                                                 "expect": pins})
+                                                 "task": self.task, "expect": pins})
             welcome = recv_message(self._socket, "welcome").payload
         except PeerError as error:
             if str(error).startswith("server busy"):
@@ -201,31 +208,21 @@ class PrivateClassifier:
         if mismatches:
             self._reject("; ".join(mismatches))
 
-        self.config = BertConfig.from_dict(welcome["architecture"])
         self.plan = OperatorPlan.from_dict(welcome["operator_plan"])
         self.buckets = tuple(int(bucket) for bucket in welcome["buckets"])
         # Servers before batching existed ran one text per query.
         self.batch = int(welcome.get("batch", 1))
         self.max_len = max(self.buckets)
-        self.label_names = list(welcome["label_names"])
         self.engine = EngineConfig(**welcome["engine"])
-        log.info("compiling the programs for %s (plan %s, buckets %s tokens)", welcome["model"],
-                 self.plan.name, ", ".join(map(str, self.buckets)))
-        self.programs: dict[int, CompiledModel] = {
-            bucket: compile_classifier(self.config, self.plan, bucket, self.engine,
-                                       batch=self.batch)
-            for bucket in self.buckets
-        }
-        # The largest bucket's program, for callers that show its stages.
-        self.model = self.programs[self.max_len]
+        self._prepare(welcome)
 
         terms = self._own_terms(welcome)
         mismatches = find_differences(terms, welcome, READY_FIELDS, "client", "server")
         if mismatches:
-            wrong_buckets = [str(bucket) for bucket, program in self.programs.items()
-                             if program.digest != welcome.get("programs", {}).get(str(bucket))]
-            if wrong_buckets:
-                mismatches.append(f"programs differ in buckets {', '.join(wrong_buckets)}")
+            wrong_programs = [key for key, digest in self._program_digests().items()
+                              if digest != welcome.get("programs", {}).get(key)]
+            if wrong_programs:
+                mismatches.append(f"programs differ in buckets {', '.join(wrong_programs)}")
             self._reject("; ".join(mismatches) + "; install the same cipherprompt, spu and jax "
                          "versions as the server")
 
@@ -245,16 +242,36 @@ class PrivateClassifier:
         )
         self._session_ok = True
         # The weights' shares on this side are zero placeholders of the public shapes.
-        for name, value in named_weights(init_params(self.config, seed=0)).items():
-            self._party.set_secret(name, np.zeros_like(value), owner=SERVER_RANK)
+        for name, shape in self._weight_shapes().items():
+            self._party.set_secret(name, np.zeros(shape, np.float32), owner=SERVER_RANK)
         log.info("secure runtime ready in %.1f s", time.perf_counter() - started)
+
+    def _prepare(self, welcome: dict) -> None:
+        """Build the model's configuration and compile its programs from the welcome message."""
+        raise NotImplementedError
+
+    def _program_digests(self) -> dict[str, str]:
+        """Return the digest of each compiled program, keyed as in the welcome's ``programs``."""
+        raise NotImplementedError
+
+    def _weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Return the shape of each weight variable, for this side's zero placeholders."""
+        raise NotImplementedError
+
+    def _tokenizer_sha256(self) -> str:
+        raise NotImplementedError
 
     def _check_welcome(self, welcome: dict) -> list[str]:
         if welcome.get("protocol_version") != PROTOCOL_VERSION:
             return [(f"protocol_version differs: server {welcome.get('protocol_version')!r}, "
                      f"client {PROTOCOL_VERSION}")]
+        # Servers from before text generation announce no task: they classify.
+        served = welcome.get("task", "classify")
+        if served != self.task:
+            return [f"task differs: this client requests {self.task!r}, the server serves "
+                    f"{served!r}; use 'cipherprompt {served}' with this server"]
         mismatches = check_pins(welcome, self.pins, "client", "server")
-        tokenizer_sha = sha256_of(asset_path("minilm_tokenizer"))
+        tokenizer_sha = self._tokenizer_sha256()
         if welcome.get("tokenizer_sha256") != tokenizer_sha:
             mismatches.append(f"tokenizer_sha256 differs: server "
                               f"{welcome.get('tokenizer_sha256')!r}, client {tokenizer_sha!r}")
@@ -265,14 +282,17 @@ class PrivateClassifier:
         return {
             "model": self.pins["model"] or welcome.get("model"),
             "weights_sha256": self.pins["weights_sha256"] or welcome.get("weights_sha256"),
-            "tokenizer_sha256": sha256_of(asset_path("minilm_tokenizer")),
+            "tokenizer_sha256": self._tokenizer_sha256(),
             "plan": self.plan.name,
             "plan_sha256": plan_sha256(self.plan),
             "buckets": list(self.buckets),
             "batch": self.batch,
-            "program_sha256": program_set_sha256(
-                {bucket: program.digest for bucket, program in self.programs.items()}),
+            "program_sha256": self._program_set_sha256(),
         }
+
+    def _program_set_sha256(self) -> str:
+        return program_set_sha256({int(key): digest
+                                   for key, digest in self._program_digests().items()})
 
     def _reject(self, message: str) -> None:
         """Tell the server why this client rejects the session, then raise HandshakeError."""
@@ -282,6 +302,91 @@ class PrivateClassifier:
         except OSError:
             pass
         raise HandshakeError(message)
+
+    def _raise_pending_server_message(self) -> None:
+        """Raise the server's error (shutdown, idle timeout) if it sent one while we were idle."""
+        if not wait_readable(self._socket, 0.0):
+            return
+        self._session_ok = False
+        message = recv_message(self._socket)  # raises PeerError for an error frame
+        raise ProtocolError(f"unexpected {message.kind!r} message from the server between queries")
+
+    # -- closing -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """End the session; after a failure, skip the link's FIN exchange with the server."""
+        if self._socket is not None and self._session_ok:
+            try:
+                send_message(self._socket, "close")
+            except OSError:
+                self._session_ok = False
+        if self._party is not None:
+            if self._session_ok:
+                self._stop_link(self._party)
+            else:
+                log.debug("the session failed; leaving SPU's link without a FIN exchange")
+            self._party = None
+        if self._socket is not None:
+            if self._session_ok:
+                self._wait_for_server_close()
+            self._socket.close()
+            self._socket = None
+        self._session_ok = False
+
+    def _wait_for_server_close(self) -> None:
+        # The server closes the control connection once the session's slot is free again, so a
+        # new session opened right after this one finds the slot free.
+        try:
+            self._socket.settimeout(_SERVER_CLOSE_TIMEOUT_S)
+            while self._socket.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    @staticmethod
+    def _stop_link(party: SecureParty) -> None:
+        # NOTE: spu 0.9.5 gives stop_link no time limit, so it runs in a thread that may
+        # outlive this call when the server never replies.
+        stopper = threading.Thread(target=party.close, daemon=True, name="spu-link-stop")
+        stopper.start()
+        stopper.join(_LINK_STOP_TIMEOUT_S)
+        if stopper.is_alive():
+            log.warning("SPU's link did not stop within %.0f s; the server may be gone",
+                        _LINK_STOP_TIMEOUT_S)
+
+
+class PrivateClassifier(PrivateSession):
+    """A classification session: ``classify`` returns the label of a text, privately."""
+
+    task = "classify"
+
+    def __init__(self, server: str, **options) -> None:
+        """Open nothing yet; ``options`` are those of ``PrivateSession``."""
+        super().__init__(server, **options)
+        self.tokenizer = WordPieceTokenizer()
+
+    def _prepare(self, welcome: dict) -> None:
+        self.config = BertConfig.from_dict(welcome["architecture"])
+        self.label_names = list(welcome["label_names"])
+        log.info("compiling the programs for %s (plan %s, buckets %s tokens)", welcome["model"],
+                 self.plan.name, ", ".join(map(str, self.buckets)))
+        self.programs: dict[int, CompiledModel] = {
+            bucket: compile_classifier(self.config, self.plan, bucket, self.engine,
+                                       batch=self.batch)
+            for bucket in self.buckets
+        }
+        # The largest bucket's program, for callers that show its stages.
+        self.model = self.programs[self.max_len]
+
+    def _program_digests(self) -> dict[str, str]:
+        return {str(bucket): program.digest for bucket, program in self.programs.items()}
+
+    def _weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: value.shape
+                for name, value in named_weights(init_params(self.config, seed=0)).items()}
+
+    def _tokenizer_sha256(self) -> str:
+        return sha256_of(asset_path("minilm_tokenizer"))
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -361,55 +466,3 @@ class PrivateClassifier:
                 )
             return bucket
         return pick_bucket(length, self.buckets)
-
-    def _raise_pending_server_message(self) -> None:
-        """Raise the server's error (shutdown, idle timeout) if it sent one while we were idle."""
-        if not wait_readable(self._socket, 0.0):
-            return
-        self._session_ok = False
-        message = recv_message(self._socket)  # raises PeerError for an error frame
-        raise ProtocolError(f"unexpected {message.kind!r} message from the server between queries")
-
-    # -- closing -------------------------------------------------------------------------------
-
-    def close(self) -> None:
-        """End the session; after a failure, skip the link's FIN exchange with the server."""
-        if self._socket is not None and self._session_ok:
-            try:
-                send_message(self._socket, "close")
-            except OSError:
-                self._session_ok = False
-        if self._party is not None:
-            if self._session_ok:
-                self._stop_link(self._party)
-            else:
-                log.debug("the session failed; leaving SPU's link without a FIN exchange")
-            self._party = None
-        if self._socket is not None:
-            if self._session_ok:
-                self._wait_for_server_close()
-            self._socket.close()
-            self._socket = None
-        self._session_ok = False
-
-    def _wait_for_server_close(self) -> None:
-        # The server closes the control connection once the session's slot is free again, so a
-        # new session opened right after this one finds the slot free.
-        try:
-            self._socket.settimeout(_SERVER_CLOSE_TIMEOUT_S)
-            while self._socket.recv(4096):
-                pass
-        except OSError:
-            pass
-
-    @staticmethod
-    def _stop_link(party: SecureParty) -> None:
-        # NOTE: spu 0.9.5 gives stop_link no time limit, so it runs in a thread that may
-        # outlive this call when the server never replies.
-        stopper = threading.Thread(target=party.close, daemon=True, name="spu-link-stop")
-        stopper.start()
-        stopper.join(_LINK_STOP_TIMEOUT_S)
-        if stopper.is_alive():
-            log.warning("SPU's link did not stop within %.0f s; the server may be gone",
-                        _LINK_STOP_TIMEOUT_S)
-

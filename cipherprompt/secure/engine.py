@@ -109,17 +109,13 @@ class Stage:
     executable: libspu.Executable
     param_names: list[str]
     client_names: list[str]
-    output_names: list[str]
+    output_name: str
+    # Inputs that both parties infeed themselves as public values, such as a cache position.
+    public_names: list[str] = field(default_factory=list)
+    # Outputs that stay in the runtime after the run, such as a decoder layer's cache.
+    extra_outputs: list[str] = field(default_factory=list)
     # Runtime variables that no later stage reads. The party deletes them after this stage.
     frees: list[str] = field(default_factory=list)
-
-    @property
-    def output_name(self) -> str:
-        """The stage's only output variable. Raises ValueError for a stage with several outputs."""
-        if len(self.output_names) != 1:
-            raise ValueError(f"stage {self.name!r} has {len(self.output_names)} outputs: "
-                             f"{', '.join(self.output_names)}; read output_names instead")
-        return self.output_names[0]
 
 
 @dataclass
@@ -138,17 +134,22 @@ def _leaf_name(path) -> str:
 
 def _param_names(prefix: tuple, subtree) -> list[str]:
     leaves, _ = jax.tree_util.tree_flatten_with_path(subtree)
-    base = "/".join(map(str, prefix))
-    return [f"param:{base}/{_leaf_name(path)}" for path, _ in leaves]
+    base = "".join(f"{key}/" for key in prefix)
+    return [f"param:{base}{_leaf_name(path)}" for path, _ in leaves]
 
 
 def compile_executable(name: str, function, args: list, input_names: list[str],
-                       output_names: list[str], engine: EngineConfig) -> libspu.Executable:
-    """Compile ``function(*args)`` for SPU with every input secret.
+                       output_names: list[str], engine: EngineConfig,
+                       public_names: tuple[str, ...] | list[str] = ()) -> libspu.Executable:
+    """Compile ``function(*args)`` for SPU; every input is secret except ``public_names``.
 
     ``input_names`` name the leaves of ``args`` in flattening order, and ``output_names`` the
     leaves of the result.
     """
+    visibilities = [
+        libspu.Visibility.VIS_PUBLIC if name in public_names else libspu.Visibility.VIS_SECRET
+        for name in input_names
+    ]
     function.__name__ = f"cipherprompt_{name}"
     executable, _ = frontend.compile(
         frontend.Kind.JAX,
@@ -156,28 +157,54 @@ def compile_executable(name: str, function, args: list, input_names: list[str],
         args,
         {},
         input_names,
-        [libspu.Visibility.VIS_SECRET] * len(input_names),
+        visibilities,
         lambda outputs: list(output_names),
         copts=compiler_options(engine),
     )
     return executable
 
 
-def _compile_stage(name, function, param_prefix, params, client_inputs, hidden_input, output_name,
-                   engine) -> Stage:
-    """Compile ``function(params, *client_inputs[, hidden])`` with named, secret inputs."""
+def compile_stage(name, function, param_prefix, params, client_inputs, hidden_input, output_name,
+                  engine, public_inputs=None, extra_inputs=None, extra_outputs=()) -> Stage:
+    """Compile ``function(params, *client_inputs, *public_inputs[, hidden], *extra_inputs)``.
+
+    Inputs and outputs are named variables of the runtime. Every input is secret except
+    ``public_inputs``. The first output is ``output_name``, then ``extra_outputs`` in order.
+    The stage frees its hidden input, the previous stage's output, after it runs.
+    """
+    public_inputs = public_inputs or {}
+    extra_inputs = extra_inputs or {}
     param_names = _param_names(param_prefix, params)
     client_names = list(client_inputs)
-    names = param_names + client_names
-    args = [params, *client_inputs.values()]
+    names = param_names + client_names + list(public_inputs)
+    args = [params, *client_inputs.values(), *public_inputs.values()]
     frees = []
     if hidden_input is not None:
         names.append(hidden_input[0])
         args.append(hidden_input[1])
-        # The previous stage's hidden state is consumed here.
         frees.append(hidden_input[0])
-    executable = compile_executable(name, function, args, names, [output_name], engine)
-    return Stage(name, executable, param_names, client_names, [output_name], frees)
+    names += list(extra_inputs)
+    args += list(extra_inputs.values())
+    executable = compile_executable(name, function, args, names, [output_name, *extra_outputs],
+                                    engine, list(public_inputs))
+    return Stage(name, executable, param_names, client_names, output_name, list(public_inputs),
+                 list(extra_outputs), frees)
+
+
+def program_digest(stages: list[Stage], plan: OperatorPlan, engine: EngineConfig) -> str:
+    """Hash the compiled stages, their variable names, the plan and the engine with SHA-256."""
+    digest = hashlib.sha256()
+    for stage in stages:
+        digest.update(stage.name.encode())
+        digest.update(stage.executable.code)
+        digest.update("\n".join(stage.param_names + stage.client_names).encode())
+        # Only stages that have public inputs or extra outputs add them, so the classifier's
+        # digests stay what they were before these fields existed.
+        if stage.public_names or stage.extra_outputs:
+            digest.update("\n".join(stage.public_names + stage.extra_outputs).encode())
+    digest.update(plan.canonical_json().encode())
+    digest.update(repr(sorted(engine.to_dict().items())).encode())
+    return digest.hexdigest()
 
 
 def compile_classifier(
@@ -199,7 +226,7 @@ def compile_classifier(
         return embed({"embeddings": embeddings}, config, plan, onehot)
 
     stages.append(
-        _compile_stage("embedding", embedding, ("embeddings",), params["embeddings"],
+        compile_stage("embedding", embedding, ("embeddings",), params["embeddings"],
                        {"onehot": client["onehot"]}, None, "hidden:embedding", engine)
     )
     for index in range(config.num_layers):
@@ -209,7 +236,7 @@ def compile_classifier(
                 return encoder_layer(layer_params, config, plan.layers[index], x, mask)[0]
 
         stages.append(
-            _compile_stage(f"layer{index}", layer, ("layers", index), params["layers"][index],
+            compile_stage(f"layer{index}", layer, ("layers", index), params["layers"][index],
                            {"mask": client["mask"]}, (stages[-1].output_name, hidden),
                            f"hidden:layer{index}", engine)
         )
@@ -218,12 +245,12 @@ def compile_classifier(
         return classifier_head({"classifier": classifier}, x, pool)
 
     stages.append(
-        _compile_stage("head", head, ("classifier",), params["classifier"],
+        compile_stage("head", head, ("classifier",), params["classifier"],
                        {"pool": client["pool"]}, (stages[-1].output_name, hidden), "logits",
                        engine)
     )
 
-    return CompiledModel(stages, _program_digest(stages, plan, engine))
+    return CompiledModel(stages, program_digest(stages, plan, engine))
 
 
 def _client_inputs(config: BertConfig, max_len: int, batch: int) -> dict[str, np.ndarray]:
@@ -235,17 +262,6 @@ def _client_inputs(config: BertConfig, max_len: int, batch: int) -> dict[str, np
         "mask": np.zeros((batch, max_len), np.float32),
         "pool": np.zeros((batch, max_len), np.float32),
     }
-
-
-def _program_digest(stages: list[Stage], plan: OperatorPlan, engine: EngineConfig) -> str:
-    digest = hashlib.sha256()
-    for stage in stages:
-        digest.update(stage.name.encode())
-        digest.update(stage.executable.code)
-        digest.update("\n".join(stage.param_names + stage.client_names).encode())
-    digest.update(plan.canonical_json().encode())
-    digest.update(repr(sorted(engine.to_dict().items())).encode())
-    return digest.hexdigest()
 
 
 # Client inputs of the step program by the model's state key. Their runtime names are those of
@@ -294,7 +310,8 @@ def compile_classifier_steps(
             executable = compile_executable(name.replace("/", "_"), run, [weights, *inputs],
                                             param_names + read_names, output_names, engine)
             client_names = [read for read in read_names if read in client]
-            stages.append(Stage(name, executable, param_names, client_names, output_names))
+            stages.append(Stage(name, executable, param_names, client_names, output_names[0],
+                                extra_outputs=output_names[1:]))
             for read in read_names:
                 last_reader[read] = len(stages) - 1
             for output in output_names:
@@ -303,7 +320,32 @@ def compile_classifier_steps(
     for variable, index in last_reader.items():
         if variable not in client and variable != "logits":
             stages[index].frees.append(variable)
-    return CompiledModel(stages, _program_digest(stages, plan, engine))
+    return CompiledModel(stages, program_digest(stages, plan, engine))
+
+
+# Names of the two parts that ``compile_hidden_input`` adds up.
+HIDDEN_SERVER_PART = "param:hidden_input/server_part"
+HIDDEN_CLIENT_PART = "hidden_input/client_part"
+
+
+def compile_hidden_input(config: BertConfig, max_len: int, engine: EngineConfig,
+                         batch: int = 1) -> Stage:
+    """Compile a stage that replaces the embedding: the sum of a server part and a client part.
+
+    Benchmarks of single layers start with it. The sum of a server-owned and a client-owned
+    secret is an additive sharing of the layer's input, as the embedding's output is, and the
+    addition is local, so it costs no communication. Its output has the embedding's name, so the
+    compiled layers take it unchanged. The server part is named like a weight (``param:``).
+    """
+    shape = (batch, max_len, config.hidden_size)
+
+    def hidden_input(server, client):
+        return server["server_part"] + client
+
+    return compile_stage("hidden_input", hidden_input, ("hidden_input",),
+                          {"server_part": np.zeros(shape, np.float32)},
+                          {HIDDEN_CLIENT_PART: np.zeros(shape, np.float32)}, None,
+                          "hidden:embedding", engine)
 
 
 def named_weights(params: Params) -> dict[str, np.ndarray]:

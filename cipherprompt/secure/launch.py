@@ -43,8 +43,13 @@ class ServerProcess:
 
     def __init__(self, checkpoint: Path, work_dir: Path, port: int = 0,
                  extra_args: tuple[str, ...] = (), start_timeout_s: float = 300.0,
-                 env: dict[str, str] | None = None, health_tls: TLSFiles | None = None):
+                 env: dict[str, str] | None = None, health_tls: TLSFiles | None = None,
+                 command: str = "serve", model_option: str = "--checkpoint"):
         self.checkpoint = Path(checkpoint)
+        # The CLI command that serves the checkpoint: "serve", or "serve-decoder" for a decoder,
+        # and its option that names the model file ("--gguf" for a decoder's GGUF file).
+        self.command = command
+        self.model_option = model_option
         self.work_dir = Path(work_dir)
         self.port = port or free_port("127.0.0.1")
         self.extra_args = extra_args
@@ -62,7 +67,7 @@ class ServerProcess:
 
     def __enter__(self) -> ServerProcess:
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "cipherprompt", "serve", "--checkpoint",
+        command = [sys.executable, "-m", "cipherprompt", self.command, self.model_option,
                    str(self.checkpoint), "--host", "127.0.0.1", "--port", str(self.port),
                    "--work-dir", str(self.work_dir), *self.extra_args]
         log.info("starting the server process on %s (log: %s)", self.address, self.log_path)

@@ -20,7 +20,7 @@ import signal
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -73,23 +73,17 @@ class _PartyTask:
 
 def _stage_to_data(stage: Stage) -> dict:
     executable = stage.executable
-    return {
-        "name": stage.name,
-        "executable": {"name": executable.name, "input_names": list(executable.input_names),
-                       "output_names": list(executable.output_names), "code": executable.code},
-        "param_names": stage.param_names,
-        "client_names": stage.client_names,
-        "output_names": stage.output_names,
-        "frees": stage.frees,
-    }
+    data = {field.name: getattr(stage, field.name) for field in fields(stage)}
+    data["executable"] = {"name": executable.name, "input_names": list(executable.input_names),
+                          "output_names": list(executable.output_names),
+                          "code": executable.code}
+    return data
 
 
 def _stage_from_data(data: dict) -> Stage:
     import spu.libspu as libspu
 
-    executable = libspu.Executable(**data["executable"])
-    return Stage(data["name"], executable, data["param_names"], data["client_names"],
-                 data["output_names"], data["frees"])
+    return Stage(**{**data, "executable": libspu.Executable(**data["executable"])})
 
 
 class PartyPair:

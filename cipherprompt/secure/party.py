@@ -66,6 +66,10 @@ class SecureParty:
     talks to the peer, so both parties must create theirs at about the same time. It calls
     ``on_linked`` once the link reached the peer, before the runtime set-up. One runtime
     runs the programs of every length bucket, because the weights do not depend on the length.
+
+    ``server_link`` and ``client_link`` are the link's party list as this party sees it: the
+    link listens on the entry of its own rank and connects to the entry of the peer's rank. So
+    the peer's entry may be a relay's address, and the two parties may pass different lists.
     """
 
     def __init__(self, rank: int, server_link: str, client_link: str, engine: EngineConfig,
@@ -101,6 +105,11 @@ class SecureParty:
             np.ascontiguousarray(value, np.float32), libspu.Visibility.VIS_SECRET,
             owner_rank=owner,
         )
+        self.runtime.set_var(name, shares[self.rank])
+
+    def set_public(self, name: str, value: np.ndarray) -> None:
+        """Infeed a public value; the peer must infeed the same value under the same name."""
+        shares = self.io.make_shares(np.array(value, order="C"), libspu.Visibility.VIS_PUBLIC)
         self.runtime.set_var(name, shares[self.rank])
 
     def run(self, model: CompiledModel,

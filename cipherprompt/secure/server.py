@@ -1,5 +1,7 @@
 """The server role: loads the checkpoint's weights and serves private classification sessions.
 
+``DecoderServer`` in ``decoder_server.py`` serves text generation through the same sessions.
+
 Each client connection is one session: a handshake on the control connection in the server
 process, then a child process (``worker.py``) that runs SPU's runtime for all of that client's
 queries. The server infeeds its weights as secrets it owns and never reconstructs an output: it
@@ -21,13 +23,16 @@ import ssl
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_for_any
 from pathlib import Path
 
+import numpy as np
+
 from cipherprompt.assets import asset_path, sha256_of
 from cipherprompt.checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from cipherprompt.models.bert import init_params
+from cipherprompt.models.bert import BertConfig, init_params
 from cipherprompt.secure.engine import EngineConfig, compile_classifier, named_weights
 from cipherprompt.secure.handshake import (
     READY_FIELDS,
@@ -49,7 +54,12 @@ from cipherprompt.secure.wire import (
     recv_message,
     send_message,
 )
-from cipherprompt.secure.worker import SessionTask, run_session_process
+from cipherprompt.secure.worker import (
+    ClassifierRequests,
+    SessionRequests,
+    SessionTask,
+    run_session_process,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +146,75 @@ def check_weights(checkpoint: Checkpoint, path: Path) -> None:
 
 
 @dataclass
+class ServedModel:
+    """The served model: its handshake terms and the requests each session's child runs."""
+
+    # "classify" or "generate"; a client that asks for the other task is rejected.
+    task: str
+    # Values of the handshake's READY_FIELDS.
+    terms: dict
+    # Further welcome fields that the client needs to compile the same programs.
+    welcome: dict
+    buckets: tuple[int, ...]
+    weights: dict[str, np.ndarray]
+    # Builds the request handler of one session.
+    new_requests: Callable[[], SessionRequests]
+
+
+def load_classifier(checkpoint_path: Path, buckets: tuple[int, ...] | None, max_len: int | None,
+                    engine: EngineConfig, batch: int = 1) -> ServedModel:
+    """Load and check a classifier checkpoint, and compile one program per length bucket.
+
+    Every program takes ``batch`` texts per query.
+    """
+    checkpoint = load_checkpoint(checkpoint_path)
+    if not isinstance(checkpoint.config, BertConfig):
+        raise CheckpointError(
+            f"checkpoint {checkpoint_path} contains a decoder, not a classifier; serve it with "
+            "'cipherprompt serve-decoder --checkpoint PATH'"
+        )
+    check_weights(checkpoint, Path(checkpoint_path))
+    model_config = checkpoint.config
+    if buckets is not None and max_len is not None:
+        raise ValueError("pass either max_len or buckets, not both")
+    buckets = validate_buckets(buckets or (max_len or checkpoint.max_len,),
+                               model_config.max_positions)
+
+    name = checkpoint.metadata.get("name", "bert-classifier")
+    log.info("compiling %s (plan %s, buckets %s tokens) for %s", name, checkpoint.plan.name,
+             ", ".join(map(str, buckets)), engine.protocol)
+    programs = {
+        bucket: compile_classifier(model_config, checkpoint.plan, bucket, engine, batch=batch)
+        for bucket in buckets
+    }
+    client_shapes = {
+        bucket: {"onehot": (batch, bucket, model_config.vocab_size), "mask": (batch, bucket),
+                 "pool": (batch, bucket)}
+        for bucket in buckets
+    }
+    terms = {
+        "model": name,
+        "weights_sha256": checkpoint.weights_digest(),
+        "tokenizer_sha256": checkpoint.metadata.get(
+            "tokenizer_sha256", sha256_of(asset_path("minilm_tokenizer"))),
+        "plan": checkpoint.plan.name,
+        "plan_sha256": plan_sha256(checkpoint.plan),
+        "buckets": list(buckets),
+        "batch": batch,
+        "program_sha256": program_set_sha256(
+            {bucket: program.digest for bucket, program in programs.items()}),
+    }
+    welcome = {
+        "programs": {str(bucket): program.digest for bucket, program in programs.items()},
+        "architecture": model_config.to_dict(),
+        "operator_plan": checkpoint.plan.to_dict(),
+        "label_names": list(checkpoint.metadata.get("label_names", [])),
+    }
+    return ServedModel("classify", terms, welcome, buckets, named_weights(checkpoint.params),
+                       lambda: ClassifierRequests(programs, client_shapes))
+
+
+@dataclass
 class SessionRecord:
     """State and counters of one session, the source of its log line and health entry."""
 
@@ -146,6 +225,8 @@ class SessionRecord:
     state_since: float = field(default_factory=time.monotonic)
     queries: int = 0
     buckets: collections.Counter = field(default_factory=collections.Counter)
+    # Generation steps; each also counts as a query.
+    steps: int = 0
     link_bytes_sent: int = 0
     link_bytes_received: int = 0
     control_bytes_sent: int = 0
@@ -163,48 +244,18 @@ class _Rejected(Exception):
 
 
 class ModelServer:
+    """Serves the sessions of one model; ``_load_model`` chooses what a session runs."""
+
     def __init__(self, checkpoint_path: Path, config: ServerConfig, engine: EngineConfig,
                  max_len: int | None = None):
         self.config = config
         self.engine = engine
         # TLS files first: their errors should not wait for the checkpoint and the compilation.
         self._tls_context = server_context(config.tls) if config.tls is not None else None
-        self.checkpoint = load_checkpoint(checkpoint_path)
-        check_weights(self.checkpoint, Path(checkpoint_path))
-        model_config = self.checkpoint.config
-        if config.buckets is not None and max_len is not None:
-            raise ValueError("pass either max_len or buckets, not both")
-        buckets = config.buckets or (max_len or self.checkpoint.max_len,)
-        self.buckets = validate_buckets(buckets, model_config.max_positions)
+        self.served = self._load_model(Path(checkpoint_path), max_len)
+        self.buckets = self.served.buckets
         self.max_len = self.buckets[-1]
-
-        name = self.checkpoint.metadata.get("name", "bert-classifier")
-        log.info("compiling %s (plan %s, buckets %s tokens) for %s", name,
-                 self.checkpoint.plan.name, ", ".join(map(str, self.buckets)), engine.protocol)
-        self.programs = {
-            bucket: compile_classifier(model_config, self.checkpoint.plan, bucket, engine,
-                                       batch=config.batch)
-            for bucket in self.buckets
-        }
-        self.weights = named_weights(self.checkpoint.params)
-        self.client_shapes = {
-            bucket: {"onehot": (config.batch, bucket, model_config.vocab_size),
-                     "mask": (config.batch, bucket), "pool": (config.batch, bucket)}
-            for bucket in self.buckets
-        }
-        self.terms = {
-            "model": name,
-            "weights_sha256": self.checkpoint.weights_digest(),
-            "tokenizer_sha256": self.checkpoint.metadata.get(
-                "tokenizer_sha256", sha256_of(asset_path("minilm_tokenizer"))),
-            "plan": self.checkpoint.plan.name,
-            "plan_sha256": plan_sha256(self.checkpoint.plan),
-            "buckets": list(self.buckets),
-            "batch": config.batch,
-            "program_sha256": program_set_sha256(
-                {bucket: program.digest for bucket, program in self.programs.items()}),
-        }
-        self.label_names = list(self.checkpoint.metadata.get("label_names", []))
+        self.terms = self.served.terms
 
         self.config.work_dir.mkdir(parents=True, exist_ok=True)
         self._spu_log_dir = self.config.work_dir / "spu-sessions"
@@ -224,6 +275,10 @@ class ModelServer:
         self._stop_deadline = float("inf")
         self._listener: socket.socket | None = None
         self._started = time.monotonic()
+
+    def _load_model(self, checkpoint_path: Path, max_len: int | None) -> ServedModel:
+        return load_classifier(checkpoint_path, self.config.buckets, max_len, self.engine,
+                               self.config.batch)
 
     # -- listening and shutdown ---------------------------------------------------------------
 
@@ -384,6 +439,7 @@ class ModelServer:
                 "status": "stopping" if self._stopping.is_set() else "serving",
                 "protocol_version": PROTOCOL_VERSION,
                 **self.terms,
+                "task": self.served.task,
                 "max_len": self.max_len,
                 "engine": self.engine.protocol,
                 "tls": self._tls_context is not None,
@@ -454,6 +510,14 @@ class ModelServer:
                 f"protocol_version differs: client {hello.get('protocol_version')!r}, server "
                 f"{PROTOCOL_VERSION}; install the same cipherprompt version on both sides"
             )
+        # Clients from before text generation send no task: they classify.
+        requested_task = hello.get("task", "classify")
+        if requested_task != self.served.task:
+            command = "generate" if self.served.task == "generate" else "classify"
+            raise _Rejected(
+                f"task differs: client requests {requested_task!r}, this server serves "
+                f"{self.served.task!r}; use 'cipherprompt {command}' with this server"
+            )
         if isinstance(connection, ssl.SSLSocket):
             record.client_certificate = peer_subject(connection)
             if record.client_certificate is None:
@@ -473,10 +537,8 @@ class ModelServer:
         record.control_bytes_sent += send_message(connection, "welcome", {
             "protocol_version": PROTOCOL_VERSION,
             **self.terms,
-            "programs": {str(bucket): program.digest for bucket, program in self.programs.items()},
-            "architecture": self.checkpoint.config.to_dict(),
-            "operator_plan": self.checkpoint.plan.to_dict(),
-            "label_names": self.label_names,
+            **self.served.welcome,
+            "task": self.served.task,
             "engine": self.engine.to_dict(),
             "server_link": server_link,
             "link_timeout_s": self.config.link_timeout_s,
@@ -500,9 +562,8 @@ class ModelServer:
             engine=self.engine,
             link=LinkOptions(self.config.link_timeout_s, self.config.link_connect_timeout_s,
                              self.config.tls),
-            programs=self.programs,
-            weights=self.weights,
-            client_shapes=self.client_shapes,
+            requests=self.served.new_requests(),
+            weights=self.served.weights,
             idle_timeout_s=self.config.idle_timeout_s,
             spu_log=self._spu_log_dir / f"session-{record.session_id}.log",
         )
@@ -609,7 +670,10 @@ class ModelServer:
                     record.enter(event["state"])
                 elif kind == "query":
                     record.queries += 1
-                    record.buckets[event["bucket"]] += 1
+                    if "bucket" in event:
+                        record.buckets[event["bucket"]] += 1
+                    else:
+                        record.steps += 1
                     record.link_bytes_sent += event["link_bytes_sent"]
                     record.link_bytes_received += event["link_bytes_received"]
                 elif kind == "end":
@@ -632,6 +696,7 @@ class ModelServer:
             "buckets": {str(bucket): count for bucket, count in sorted(record.buckets.items())},
             "duration_s": round(time.monotonic() - record.started, 3),
             "queries": record.queries,
+            "steps": record.steps,
             "link_bytes_sent": record.link_bytes_sent,
             "link_bytes_received": record.link_bytes_received,
             "control_bytes_sent": record.control_bytes_sent,
@@ -640,6 +705,8 @@ class ModelServer:
         }
         if record.client_certificate is None:
             del fields["client_certificate"]
+        if self.served.task != "generate":
+            del fields["steps"]
         level = logging.INFO if outcome in ("closed", "idle timeout", "shutdown") else (
             logging.WARNING)
         log.log(level, "session end: %s", format_fields(fields), extra={"fields": fields})

@@ -8,8 +8,12 @@ hangs. The child gets the compiled programs and the weights by fork, so a sessio
 without loading or compiling anything. It uses only SPU's runtime and NumPy, never JAX.
 
 The child reports to the server through a pipe, one dict per event: ``state``
-(``connecting``, ``setup``, ``idle``, ``query``, ``closing``), ``query`` (the bucket and link
-bytes of a finished query) and ``end`` (the outcome and the control connection's byte counts).
+(``connecting``, ``setup``, ``idle``, ``query``, ``closing``), ``query`` (the accepted request's
+fields, such as its bucket, and the link bytes of a finished query) and ``end`` (the outcome and
+the control connection's byte counts).
+
+What a session serves comes from its ``SessionRequests``: ``ClassifierRequests`` here, and
+``DecoderRequests`` in ``decoder.py`` for text generation.
 """
 
 from __future__ import annotations
@@ -23,12 +27,16 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
+import spu.libspu as libspu
 
+from cipherprompt.secure.cost import QueryCost
 from cipherprompt.secure.engine import CLIENT_RANK, SERVER_RANK, CompiledModel, EngineConfig
 from cipherprompt.secure.party import LinkOptions, SecureParty, describe_spu_error, share_to_blobs
 from cipherprompt.secure.wire import (
+    Message,
     PeerError,
     ProtocolError,
     recv_message,
@@ -48,6 +56,43 @@ _ACK_GRACE_S = 2.0
 _PR_SET_PDEATHSIG = 1
 
 
+class SessionRequests(Protocol):
+    """The requests of one session besides ``close``, checked and run in the child process."""
+
+    # Message kinds the client may send as requests.
+    kinds: tuple[str, ...]
+
+    def accept(self, message: Message) -> dict:
+        """Check a request; return the fields that name what runs. Raise ValueError if invalid."""
+
+    def run(self, party: SecureParty, accepted: dict) -> tuple[QueryCost, libspu.Share]:
+        """Run an accepted request; return its cost and the server's share of the output."""
+
+
+class ClassifierRequests:
+    """``query`` requests of a classifier session: one bucket's program per query."""
+
+    kinds = ("query",)
+
+    def __init__(self, programs: dict[int, CompiledModel],
+                 client_shapes: dict[int, dict[str, tuple[int, ...]]]):
+        self.programs = programs
+        # Shapes of the client's inputs (onehot, mask, pool) per bucket.
+        self.client_shapes = client_shapes
+
+    def accept(self, message: Message) -> dict:
+        return {"bucket": _check_bucket(message.payload.get("bucket"), self.programs)}
+
+    def run(self, party: SecureParty, accepted: dict) -> tuple[QueryCost, libspu.Share]:
+        bucket = accepted["bucket"]
+        # The client's inputs are secrets it owns: the server infeeds zero placeholders.
+        for name, shape in self.client_shapes[bucket].items():
+            party.set_secret(name, np.zeros(shape, np.float32), owner=CLIENT_RANK)
+        program = self.programs[bucket]
+        cost = party.run(program)
+        return cost, party.output_share(program)
+
+
 @dataclass
 class SessionTask:
     """Everything the child process needs to run one session; it arrives by fork, not pickling."""
@@ -57,10 +102,8 @@ class SessionTask:
     client_link: str
     engine: EngineConfig
     link: LinkOptions
-    programs: dict[int, CompiledModel]
+    requests: SessionRequests
     weights: dict[str, np.ndarray]
-    # Shapes of the client's inputs (onehot, mask, pool) per bucket.
-    client_shapes: dict[int, dict[str, tuple[int, ...]]]
     idle_timeout_s: float
     spu_log: Path
     # Descriptors the child inherits from the server and must close: the listening socket and
@@ -148,18 +191,24 @@ def _serve(task: SessionTask, connection: socket.socket, report: Connection,
                 report.send({"event": "state", "state": "closing"})
                 party.close()
                 return "closed"
-            bucket = _check_bucket(message.payload.get("bucket"), task.programs)
+            accepted = task.requests.accept(message)
             if stop_requested:
                 raise _SessionEnded("shutdown", "the server is shutting down; the query was not "
                                                 "run. Reconnect later.")
             # The client starts its side of the run only after this, so a rejected query
             # never leaves the client's link waiting for a server that does not run.
-            counters.sent += send_message(connection, "query_accepted", {"bucket": bucket})
-            report.send({"event": "state", "state": "query", "bucket": bucket})
-            cost = _run_query(party, task, bucket, connection, counters)
+            counters.sent += send_message(connection, "query_accepted", accepted)
+            report.send({"event": "state", "state": "query", **accepted})
+            cost, share = task.requests.run(party, accepted)
+            counters.sent += send_message(
+                connection, "output_share",
+                {"server_seconds": cost.seconds, **accepted,
+                 "server_peak_memory_kib": peak_memory_kib()},
+                share_to_blobs(share),
+            )
             last_query_end = time.monotonic()
             queries += 1
-            report.send({"event": "query", "bucket": bucket, "seconds": cost.wall_seconds,
+            report.send({"event": "query", **accepted, "seconds": cost.wall_seconds,
                          "link_bytes_sent": cost.bytes_sent,
                          "link_bytes_received": cost.bytes_received})
     except _SessionEnded as ended:
@@ -189,9 +238,9 @@ def _serve(task: SessionTask, connection: socket.socket, report: Connection,
 
 def _next_message(task: SessionTask, connection: socket.socket, counters: _Counters,
                   stop_requested: list, queries: int, last_query_end: float):
-    """Wait for the client's next ``query`` or ``close``; end the session on idle or shutdown.
+    """Wait for the client's next request or ``close``; end the session on idle or shutdown.
 
-    After a shutdown request only ``close`` is accepted; a query gets the shutdown notice.
+    After a shutdown request only ``close`` is accepted; a request gets the shutdown notice.
     """
     deadline = time.monotonic() + task.idle_timeout_s
     shutdown = _SessionEnded(
@@ -212,9 +261,9 @@ def _next_message(task: SessionTask, connection: socket.socket, counters: _Count
         if wait_readable(connection, min(_POLL_INTERVAL_S, remaining)):
             # Once a frame has started, the whole of it must arrive within the idle timeout.
             connection.settimeout(task.idle_timeout_s)
-            message = recv_message(connection, ("query", "close"))
+            message = recv_message(connection, (*task.requests.kinds, "close"))
             counters.received += message.size
-            if stop_requested and message.kind == "query":
+            if stop_requested and message.kind != "close":
                 raise shutdown
             return message
 
@@ -228,18 +277,16 @@ def _check_bucket(bucket, programs: dict[int, CompiledModel]) -> int:
     return bucket
 
 
-def _run_query(party: SecureParty, task: SessionTask, bucket: int, connection: socket.socket,
-               counters: _Counters):
-    # The client's inputs are secrets it owns: the server infeeds zero placeholders.
-    for name, shape in task.client_shapes[bucket].items():
-        party.set_secret(name, np.zeros(shape, np.float32), owner=CLIENT_RANK)
-    program = task.programs[bucket]
-    cost = party.run(program)
-    counters.sent += send_message(
-        connection, "output_share", {"server_seconds": cost.seconds, "bucket": bucket},
-        share_to_blobs(party.output_share(program)),
-    )
-    return cost
+def peak_memory_kib(pid: int | str = "self") -> int | None:
+    """Return the peak resident set size (VmHWM) of process ``pid`` in KiB, or None if unknown."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return None
 
 
 def _try_send_error(connection: socket.socket, message: str, counters: _Counters) -> None:
