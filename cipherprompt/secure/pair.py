@@ -7,6 +7,10 @@ both parties the data to infeed and the key of the compiled program to run, and 
 cost that each party parses from its own SPU profile. Each party gets only its own data: the owner of a secret
 infeeds its value and the other party a zero placeholder, as in a real session.
 
+``cipherprompt bench`` (``bench/runner.py``) starts its parties differently: each runs a fixed
+model program for a number of queries from a spec file, inside its own network namespace. The
+pair here serves callers that run several programs in one session and check each output.
+
 The children are started with ``spawn``, not ``fork``. SPU's logger can be set up only once
 per process, and a forked child would inherit a logger that an earlier session in this process
 routed elsewhere. Its profile lines would then mix with the other party's.
