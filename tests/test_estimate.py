@@ -544,6 +544,8 @@ def test_command_checks_against_bench_records(tmp_path):
     japanese = (out / "estimate.ja.md").read_text()
     assert "(レイヤーについて)" in japanese
     assert "(2 件中 2 件目のクエリ)" in japanese
+    assert "AMD EPYC、使用可能なコア 2 個、23.5 GiB" in japanese
+    assert "1 分間の負荷平均は開始時 10.1、終了時 10.2" in japanese
 
 
 def test_committed_bench_records_load():
@@ -562,3 +564,28 @@ def test_committed_bench_records_load():
 
     checks = est.self_check(est.select_plan([*small, *minilm], "exact"))
     assert [check.stages for check in checks] == [("layer",), ("layer",)]
+
+
+def test_example_pages_are_generated():
+    # docs/estimate-example is the output of the command that docs/estimate.md gives, so its
+    # self-check figures are the projection errors that the committed records produce.
+    root = est.Path(__file__).resolve().parents[1]
+    results = root / "benchmarks" / "results"
+    machine = ("Intel Xeon, 2 cores, 23.5 GiB, client and server on one host over loopback, "
+               "shared with other jobs")
+    measurements = [
+        measurement
+        for name in ("minilm-exact-32-demo.json", "small-h128-l1-32-loopback.json",
+                     "small-h128-l1-64-loopback.json")
+        for measurement in est.load_measurements(results / name, MINILM, 32, "exact", machine)
+    ]
+    estimate = est.build_estimate(est.select_plan(measurements, "exact"),
+                                  est.MODEL_PRESETS["bert-base"], 128, est.NETWORK_PRESETS["wan"])
+    held_out = {check.held_out: check for check in estimate.checks}[("bert-L1-H128-A2", 64)]
+    assert held_out.fitted_on == (("minilm-l6", 32), ("bert-L1-H128-A2", 32))
+
+    for lang, page in (("en", "estimate.md"), ("ja", "estimate.ja.md")):
+        committed = (root / "docs" / "estimate-example" / page).read_text()
+        assert committed == est.render_markdown(estimate, lang, "estimate.png"), (
+            f"docs/estimate-example/{page} is out of date; rerun the command in "
+            "docs/estimate.md")

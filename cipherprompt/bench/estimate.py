@@ -168,6 +168,8 @@ HIDDEN_ELEMENTS = "hidden-state elements: seq x hidden"
 
 OTHER_OPERATOR = "(rest of stage)"
 
+# NOTE: the rules have no fixed cost per operator call. In a layer with hidden 128 and 2 heads,
+# exponential, dot_general and reciprocal sent nearly the same bytes at 64 tokens as at 32.
 LAYER_RULES: dict[str, tuple[str, str]] = {
     "dot": (MATMUL_IO, MATMUL_IO),
     "dot_general": (ATTENTION_MACS, ATTENTION_IO),
@@ -367,6 +369,13 @@ class Measurement:
     query: tuple[int, int] | None = None
     # The first query of a session also pays the OT and HE set-up.
     includes_setup: bool = False
+    # A bench record's "machine" and "load_average" objects, described in the page's language.
+    machine_record: tuple[object, object] | None = None
+
+    def describe_machine(self, lang: str) -> str:
+        if self.machine_record is None:
+            return self.machine
+        return describe_machine(*self.machine_record, lang=lang)
 
     @property
     def configuration(self) -> tuple[str, int]:
@@ -514,25 +523,32 @@ def bench_shape(config: dict, layers: int, where: str = "bench record") -> Model
     return replace(shape, name=name)
 
 
-def describe_machine(machine: object, load_average: object = None) -> str:
+MACHINE_TEXT = {
+    "en": {"cores": "{} usable cores", "load": "; 1-minute load average {:.1f} at the start, "
+                                               "{:.1f} at the end"},
+    "ja": {"cores": "使用可能なコア {} 個", "load": "。1 分間の負荷平均は開始時 {:.1f}、終了時 {:.1f}"},
+}
+
+
+def describe_machine(machine: object, load_average: object = None, lang: str = "en") -> str:
     """Describe a record's machine (``machine_facts()`` form) and its load average."""
     if isinstance(machine, str):
         text = machine
     elif isinstance(machine, dict):
         parts = [str(machine.get("cpu", "unknown CPU"))]
         if "usable_cores" in machine:
-            parts.append(f"{machine['usable_cores']} usable cores")
+            parts.append(MACHINE_TEXT[lang]["cores"].format(machine["usable_cores"]))
         if "memory_gib" in machine:
             parts.append(f"{machine['memory_gib']} GiB")
         if "spu" in machine:
             parts.append(f"spu {machine['spu']}")
-        text = ", ".join(parts)
+        text = ("、" if lang == "ja" else ", ").join(parts)
     else:
         text = ""
     if isinstance(load_average, dict):
         start, end = load_average.get("start"), load_average.get("end")
         if isinstance(start, list) and isinstance(end, list) and start and end:
-            text += f"; 1-minute load average {start[0]:.1f} at the start, {end[0]:.1f} at the end"
+            text += MACHINE_TEXT[lang]["load"].format(start[0], end[0])
     return text
 
 
@@ -556,7 +572,8 @@ def _bench_measurements(path: Path, data: dict) -> list[Measurement]:
             f"{where}: measured on the emulated network {network.get('preset')!r}, so its "
             "seconds include transfer and latency; pass a record measured with --network "
             "loopback")
-    machine = describe_machine(data.get("machine"), data.get("load_average"))
+    machine_record = (data.get("machine"), data.get("load_average"))
+    machine = describe_machine(*machine_record)
 
     measurements = []
     for plan, figures in data["plans"].items():
@@ -568,7 +585,8 @@ def _bench_measurements(path: Path, data: dict) -> list[Measurement]:
             measurements.append(_measurement(
                 path, query_where, _query_stages(query, query_where), shape, seq, plan, machine,
                 layers_hint="the record's model.run_layers disagrees with its stages",
-                query=(number, len(queries)), includes_setup=number == 1))
+                query=(number, len(queries)), includes_setup=number == 1,
+                machine_record=machine_record))
     return measurements
 
 
@@ -964,6 +982,13 @@ class Estimate:
         }
 
 
+def _join_names(names: list[str], lang: str) -> str:
+    """Join ``names`` as a list in running text: "a, b and c", or "a、b、c" in Japanese."""
+    if lang == "ja":
+        return "、".join(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
 def _configuration_label(key: tuple[str, int]) -> str:
     return f"{key[0]} @ {key[1]}"
 
@@ -1011,8 +1036,8 @@ def render_markdown(estimate: Estimate, lang: str, chart_name: str) -> str:
     ]
     if estimate.checks:
         for check in estimate.checks:
-            fitted = ", ".join(_configuration_label(key) for key in check.fitted_on)
-            stages = ", ".join(text["stage_names"][kind] for kind in check.stages)
+            fitted = _join_names([_configuration_label(key) for key in check.fitted_on], lang)
+            stages = _join_names([text["stage_names"][kind] for kind in check.stages], lang)
             lines.append("- " + text["check_body"].format(
                 fitted=fitted, held_out=_configuration_label(check.held_out), stages=stages,
                 seconds=_format_error(check.seconds_error), bytes=_format_error(check.bytes_error),
@@ -1035,7 +1060,7 @@ def render_markdown(estimate: Estimate, lang: str, chart_name: str) -> str:
             seq=measurement.seq, plan=measurement.plan,
             seconds=format_duration(measurement.seconds, lang),
             traffic=format_size(measurement.bytes), messages=int(measurement.messages),
-            machine=measurement.machine or text["machine_unknown"],
+            machine=measurement.describe_machine(lang) or text["machine_unknown"],
             setup=text["setup_note"] if measurement.includes_setup else ""))
     return "\n".join(lines) + "\n"
 
@@ -1073,7 +1098,7 @@ def write_chart(path: Path, estimate: Estimate) -> None:
 
 
 def select_plan(measurements: list[Measurement], plan: str | None) -> list[Measurement]:
-    """Keep the measurements of ``plan``; without one, the inputs must contain a single plan."""
+    """Keep the measurements of ``plan``. Without one, the inputs must contain a single plan."""
     plans = sorted({m.plan for m in measurements})
     if plan is None:
         if len(plans) > 1:
@@ -1141,7 +1166,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "run on --network loopback, which state their own model, sequence "
                              "length, plans and machine")
     parser.add_argument("--source-model", default="minilm-l6",
-                        help=f"model the files were measured on: {', '.join(MODEL_PRESETS)}")
+                        help="model that the cost files and demo reports were measured on "
+                             f"(bench records state theirs): {', '.join(MODEL_PRESETS)}")
     parser.add_argument("--source-seq-len", type=int, default=32,
                         help="sequence length (tokens) of the files without a max_len field")
     parser.add_argument("--source-plan", default="exact",
@@ -1151,7 +1177,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "when the inputs contain several plans (a bench record usually "
                              "does)")
     parser.add_argument("--source-machine",
-                        help="description of the machine that measured the files")
+                        help="description of the machine that measured the cost files and "
+                             "demo reports (bench records state theirs)")
 
     parser.add_argument("--model", default="bert-base",
                         help=f"target model: {', '.join(MODEL_PRESETS)} or custom")
