@@ -80,10 +80,21 @@ class RmsNorm(LayerNormaliser):
     name = "rmsnorm"
     formula = "x / sqrt(mean(x^2) + eps) * gamma + beta"
     primitives = "one element-wise square, one reciprocal square root per row"
+    # The row is scaled by this power of two before squaring, which is exact in float. In SPU's
+    # fixed point (FM64, 18 fraction bits) a product must stay below 2^27, so x^2 overflows
+    # for |x| > 11,585. SmolLM2-135M's residual stream reaches 24,000 in one dimension of
+    # some tokens from layer 12 on. Scaled by 1/4, the square stays below 2^27 up to
+    # |x| = 46,000. The smallest rows, the embeddings (rms near 0.1), then lose about 0.1% of
+    # their mean square to truncation (an estimate from the truncation step, 2^-18). eps is
+    # scaled by 1/16 too, so in fixed point Llama's 1e-5 rounds to 0: no real row's mean square
+    # comes near it.
+    input_scale = 0.25
 
     def __call__(self, x, gamma, beta, eps):
-        mean_square = jnp.mean(x * x, axis=-1, keepdims=True)
-        return x * jax.lax.rsqrt(mean_square + eps) * gamma + beta
+        scaled = x * self.input_scale
+        mean_square = jnp.mean(scaled * scaled, axis=-1, keepdims=True)
+        scaled_eps = eps * self.input_scale**2
+        return scaled * jax.lax.rsqrt(mean_square + scaled_eps) * gamma + beta
 
 
 LAYER_NORMALISERS = make_registry(LayerNormaliser, LayerNorm, MeanCentre, L1LayerNorm, RmsNorm)
