@@ -97,7 +97,35 @@ class RmsNorm(LayerNormaliser):
         return scaled * jax.lax.rsqrt(mean_square + scaled_eps) * gamma + beta
 
 
-LAYER_NORMALISERS = make_registry(LayerNormaliser, LayerNorm, MeanCentre, L1LayerNorm, RmsNorm)
+class L1RmsNorm(LayerNormaliser):
+    """RMSNorm with the root mean square estimated from the mean absolute value.
+
+    For normally distributed rows with zero mean, mean |x| = sqrt(2 / pi) * rms, so
+    sqrt(pi / 2) * mean(|x|) estimates the root mean square without a square root. The secure
+    cost is one absolute value per element (a comparison) and one reciprocal per row, in place
+    of RMSNorm's square per element and reciprocal square root per row. The hidden states of a
+    trained decoder are far from normal: in SmolLM2-135M the ratio rms / mean |x| ranged from
+    1.3 to 10 within one layer (median about 1.9), so the operator needs distillation.
+    ``max_error`` was measured against RMSNorm on normal rows of width 576 with scales in
+    [0.1, 10].
+    """
+
+    name = "l1_rmsnorm"
+    formula = "x / (sqrt(pi / 2) * mean(|x|) + eps) * gamma + beta"
+    # Output error bound for normal rows of width 576; not an input interval, so no range.
+    fitted_range = None
+    max_error = 0.2
+    primitives = "one absolute value (a comparison) per element, one reciprocal per row"
+    gaussian_factor = math.sqrt(math.pi / 2)
+
+    def __call__(self, x, gamma, beta, eps):
+        spread = self.gaussian_factor * jnp.mean(jnp.abs(x), axis=-1, keepdims=True)
+        return x / (spread + eps) * gamma + beta
+
+
+LAYER_NORMALISERS = make_registry(
+    LayerNormaliser, LayerNorm, MeanCentre, L1LayerNorm, RmsNorm, L1RmsNorm
+)
 
 
 def layer_normaliser(name: str) -> LayerNormaliser:
