@@ -319,8 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from cipherprompt.decoder_checkpoint import add_parser as add_import_decoder_parser
     from cipherprompt.perplexity import add_parser as add_perplexity_parser
+    from cipherprompt.train.decoder_distill import add_parser as add_distill_decoder_parser
 
     add_import_decoder_parser(commands)
+    add_distill_decoder_parser(commands)
     add_perplexity_parser(commands)
 
 
