@@ -317,6 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluate_parser(commands)
 
+    from cipherprompt.decoder_checkpoint import add_parser as add_import_decoder_parser
+    from cipherprompt.perplexity import add_parser as add_perplexity_parser
+    from cipherprompt.train.decoder_distill import add_parser as add_distill_decoder_parser
+
+    add_import_decoder_parser(commands)
+    add_distill_decoder_parser(commands)
+    add_perplexity_parser(commands)
+
 
     serve = commands.add_parser("serve", help="run the server role for a checkpoint")
     add_server_options(serve, "sequence lengths in tokens, comma-separated, e.g. 16,32,64: one "

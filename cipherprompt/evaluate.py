@@ -154,8 +154,10 @@ class WorkDirLock:
     file while a third run creates a new one.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, run_name: str = "evaluate"):
         self.path = Path(path)
+        # The command that uses the directory, named in the error for a directory in use.
+        self.run_name = run_name
         self._file = None
 
     def __enter__(self) -> WorkDirLock:
@@ -167,7 +169,7 @@ class WorkDirLock:
             owner = lock_file.read().strip() or "unknown"
             lock_file.close()
             raise WorkDirInUseError(
-                f"working directory {self.path.parent} is in use by the evaluate run with "
+                f"working directory {self.path.parent} is in use by the {self.run_name} run with "
                 f"PID {owner} (lock file {self.path}); wait for it to finish or choose "
                 "another --work-dir"
             ) from None
@@ -280,6 +282,23 @@ def setup_digest(checkpoint: Checkpoint, engine: EngineConfig) -> str:
 # REF2K: the fixed-point reference run.
 
 
+def reference_runtime(engine: EngineConfig):
+    """Return (runtime, io, link) of an SPU runtime with world size 1 on an in-memory link.
+
+    The caller keeps the link referenced as long as it uses the runtime.
+    """
+    import spu
+    import spu.libspu as libspu
+
+    from cipherprompt.secure.engine import runtime_config
+
+    config = runtime_config(engine, profile=False)
+    description = libspu.link.Desc()
+    description.add_party("reference", "memory")
+    link = libspu.link.create_mem(description, 0)
+    return spu.Runtime(link, config), spu.Io(1, config), link
+
+
 class ReferenceRunner:
     """The staged classifier program under SPU's REF2K protocol, in this process.
 
@@ -290,10 +309,9 @@ class ReferenceRunner:
     """
 
     def __init__(self, checkpoint: Checkpoint, engine: EngineConfig, batch: int):
-        import spu
         import spu.libspu as libspu
 
-        from cipherprompt.secure.engine import compile_classifier, named_weights, runtime_config
+        from cipherprompt.secure.engine import compile_classifier, named_weights
 
         if engine.protocol != "REF2K":
             raise ValueError(f"ReferenceRunner needs protocol REF2K, got {engine.protocol!r}")
@@ -301,12 +319,7 @@ class ReferenceRunner:
         self.vocab_size = checkpoint.config.vocab_size
         self.model = compile_classifier(checkpoint.config, checkpoint.plan, checkpoint.max_len,
                                         engine, batch=batch)
-        config = runtime_config(engine, profile=False)
-        description = libspu.link.Desc()
-        description.add_party("reference", "memory")
-        self._link = libspu.link.create_mem(description, 0)
-        self._runtime = spu.Runtime(self._link, config)
-        self._io = spu.Io(1, config)
+        self._runtime, self._io, self._link = reference_runtime(engine)
         self._secret = libspu.Visibility.VIS_SECRET
         for name, value in named_weights(checkpoint.params).items():
             self._set(name, value)
@@ -344,29 +357,44 @@ class ReferenceRunner:
 def run_reference(checkpoint: Checkpoint, engine: EngineConfig, data: EncodedSet,
                   results: ResultLog, batch: int) -> dict:
     """Fill ``results`` with REF2K logits for every row of ``data``; return timing figures."""
+
+    def run_rows(runner: ReferenceRunner, rows: list[int]) -> list[dict]:
+        started = time.perf_counter()
+        logits = runner.logits(data.ids[rows], data.mask[rows])
+        seconds = (time.perf_counter() - started) / len(rows)
+        return [{"index": index, "logits": row.tolist(), "seconds": seconds}
+                for index, row in zip(rows, logits)]
+
+    return fill_reference_results(results, len(data), batch, "sentence",
+                                  lambda: ReferenceRunner(checkpoint, engine, batch), run_rows)
+
+
+def fill_reference_results(results: ResultLog, count: int, batch: int, unit: str,
+                           make_runner, run_rows) -> dict:
+    """Run the rows 0..count-1 missing from ``results`` in batches; return timing figures.
+
+    ``make_runner()`` builds the REF2K runner, only when some rows are missing, and
+    ``run_rows(runner, rows)`` returns one record per row. ``unit`` names a row in logs.
+    """
     from cipherprompt.train.teacher import progress_interval
 
-    pending = [index for index in range(len(data)) if index not in results.records]
-    figures = {"sentences_this_run": len(pending), "compile_seconds": 0.0, "run_seconds": 0.0}
+    pending = [index for index in range(count) if index not in results.records]
+    figures = {f"{unit}s_this_run": len(pending), "compile_seconds": 0.0, "run_seconds": 0.0}
     if not pending:
-        log.info("REF2K: all %d sentences already done in %s", len(data), results.path)
+        log.info("REF2K: all %d %ss already done in %s", count, unit, results.path)
         return figures
 
     started = time.perf_counter()
-    runner = ReferenceRunner(checkpoint, engine, batch)
+    runner = make_runner()
     figures["compile_seconds"] = time.perf_counter() - started
-    log.info("REF2K: %d of %d sentences to run, batch %d (set-up %.1f s)", len(pending),
-             len(data), batch, figures["compile_seconds"])
+    log.info("REF2K: %d of %d %ss to run, batch %d (set-up %.1f s)", len(pending), count, unit,
+             batch, figures["compile_seconds"])
     started = time.perf_counter()
-    with tqdm(total=len(data), initial=len(data) - len(pending), desc="REF2K", unit="sentence",
+    with tqdm(total=count, initial=count - len(pending), desc="REF2K", unit=unit,
               mininterval=progress_interval()) as progress:
-        for start in range(0, len(pending), batch):
-            rows = pending[start:start + batch]
-            batch_started = time.perf_counter()
-            logits = runner.logits(data.ids[rows], data.mask[rows])
-            seconds = (time.perf_counter() - batch_started) / len(rows)
-            results.append({"index": index, "logits": row.tolist(), "seconds": seconds}
-                           for index, row in zip(rows, logits))
+        for first in range(0, len(pending), batch):
+            rows = pending[first:first + batch]
+            results.append(run_rows(runner, rows))
             progress.update(len(rows))
     figures["run_seconds"] = time.perf_counter() - started
     return figures

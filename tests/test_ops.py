@@ -369,3 +369,105 @@ def test_lookup_unknown_name_lists_choices(lookup, registry, kind):
 def test_lookup_returns_registered_class(lookup, registry):
     for name, cls in registry.items():
         assert type(lookup(name)) is cls
+
+
+SILU_APPROXIMATIONS = sorted(
+    name for name, cls in ACTIVATIONS.items()
+    if cls.reference == "silu" and cls.fitted_range is not None
+)
+
+
+def silu_error(name: str, low: float, high: float) -> float:
+    grid = jnp.linspace(low, high, 800_001, dtype=jnp.float32)
+    return float(jnp.max(jnp.abs(activation(name)(grid) - jax.nn.silu(grid))))
+
+
+def test_silu_approximations_registered():
+    assert SILU_APPROXIMATIONS == ["hard_swish", "silu_piecewise"]
+
+
+@pytest.mark.parametrize("name", SILU_APPROXIMATIONS)
+def test_silu_approximation_within_stated_error(name):
+    cls = ACTIVATIONS[name]
+
+    assert silu_error(name, *cls.fitted_range) <= cls.max_error
+
+
+@pytest.mark.parametrize("name", SILU_APPROXIMATIONS)
+def test_silu_approximation_stated_error_tight(name):
+    cls = ACTIVATIONS[name]
+
+    assert silu_error(name, *cls.fitted_range) > 0.5 * cls.max_error
+
+
+def test_piecewise_silu_least_squares_fit():
+    # The stored coefficients must be a float64 least-squares refit of t * sigmoid(-t) on
+    # t = 7u, u in [0, 1], by u^1 .. u^5, rounded.
+    cls = ACTIVATIONS["silu_piecewise"]
+    u = np.linspace(0.0, 1.0, 100_001)
+    t = u * cls.threshold
+    target = t / (1.0 + np.exp(t))
+    basis = np.stack([u**power for power in range(1, 6)], axis=1)
+    refit, *_ = np.linalg.lstsq(basis, target, rcond=None)
+
+    np.testing.assert_allclose(cls.coefficients, refit, atol=5e-4)
+
+
+def test_piecewise_silu_is_relu_beyond_threshold():
+    x = jnp.asarray([-30.0, -7.5, -7.0, 7.0, 7.5, 30.0], jnp.float32)
+
+    np.testing.assert_array_equal(np.asarray(activation("silu_piecewise")(x)),
+                                  np.maximum(np.asarray(x), 0.0))
+
+
+def test_l1_rmsnorm_within_stated_error():
+    # Normal rows of width 576, as the stated bound assumes, with a different seed than the
+    # rows the bound was measured on.
+    rng = np.random.default_rng(12)
+    rows = 4000
+    x = (rng.standard_normal((rows, 576)) * rng.uniform(0.1, 10, (rows, 1))).astype(np.float32)
+    ones = np.ones(576, np.float32)
+    exact = layer_normaliser("rmsnorm")(jnp.asarray(x), ones, 0.0, 1e-12)
+
+    result = layer_normaliser("l1_rmsnorm")(jnp.asarray(x), ones, 0.0, 1e-12)
+
+    error = np.abs(np.asarray(result) - np.asarray(exact))
+    assert error.max() <= LAYER_NORMALISERS["l1_rmsnorm"].max_error
+    assert error.mean() < 0.02
+
+
+def test_l1_rmsnorm_exact_for_two_values():
+    # A row of +a and -a values has mean |x| = rms, so the result is RMSNorm's divided by
+    # sqrt(pi / 2).
+    x = np.tile(np.array([2.5, -2.5], np.float32), 12)[None, :]
+    ones = np.ones(24, np.float32)
+    exact = np.asarray(layer_normaliser("rmsnorm")(jnp.asarray(x), ones, 0.0, 1e-12))
+
+    result = np.asarray(layer_normaliser("l1_rmsnorm")(jnp.asarray(x), ones, 0.0, 1e-12))
+
+    np.testing.assert_allclose(result, exact / np.sqrt(np.pi / 2), rtol=1e-5)
+
+
+def test_rmsnorm_fixed_point_survives_large_values():
+    # SmolLM2's residual stream reaches 24,000 in one dimension. Squared without the input
+    # scale, that overflows SPU's fixed point (18 fraction bits): the row then came out wrong
+    # by 40. The other rows show the accuracy of ordinary rows.
+    import spu.libspu as libspu
+    import spu.utils.simulation as simulation
+
+    config = libspu.RuntimeConfig(protocol=libspu.ProtocolKind.REF2K,
+                                  field=libspu.FieldType.FM64, fxp_fraction_bits=18)
+    simulator = simulation.Simulator(1, config)
+    rng = np.random.default_rng(13)
+    x = (rng.standard_normal((3, 576)) * 5.0).astype(np.float32)
+    x[0, 7] = 24_000.0
+    gamma = rng.uniform(0.5, 1.5, 576).astype(np.float32)
+    norm = layer_normaliser("rmsnorm")
+    expected = np.asarray(norm(jnp.asarray(x), gamma, 0.0, 1e-5))
+
+    result = simulation.sim_jax(simulator, lambda rows, gains: norm(rows, gains, 0.0, 1e-5))(
+        x, gamma)
+
+    error = np.abs(np.asarray(result) - expected).max(axis=-1)
+    assert error[0] < 0.05
+    assert error[1:].max() < 2e-3

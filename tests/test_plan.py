@@ -7,6 +7,8 @@ import dataclasses
 import pytest
 
 from cipherprompt.plan import (
+    DECODER_EXACT_LAYER,
+    DECODER_FRIENDLY_LAYER,
     EXACT_LAYER,
     FRIENDLY_LAYER,
     PRESET_HELP,
@@ -194,3 +196,41 @@ def test_digest_changes_with_embedding_normaliser():
     changed = dataclasses.replace(plan, embedding_normaliser="mean_centre")
 
     assert changed.digest() != plan.digest()
+
+
+def test_preset_decoder_friendly_layers():
+    plan = OperatorPlan.preset("decoder-friendly", NUM_LAYERS)
+
+    assert plan.name == "decoder-friendly"
+    assert plan.layers == (LayerPlan("hard_swish", "power_softmax", "rmsnorm"),) * NUM_LAYERS
+    assert plan.layers[0] == DECODER_FRIENDLY_LAYER
+    assert plan.embedding_normaliser is None
+    assert plan.final_normaliser == "rmsnorm"
+    assert plan.is_decoder
+
+
+def test_decoder_presets_differ_only_in_layers():
+    exact = OperatorPlan.preset("decoder-exact", NUM_LAYERS)
+    friendly = OperatorPlan.preset("decoder-friendly", NUM_LAYERS)
+
+    assert exact.layers[0] == DECODER_EXACT_LAYER
+    assert friendly.digest() != exact.digest()
+    assert dataclasses.replace(friendly, name=exact.name,
+                               layers=exact.layers).digest() == exact.digest()
+
+
+def test_decoder_friendly_round_trip():
+    plan = OperatorPlan.preset("decoder-friendly", NUM_LAYERS)
+
+    restored = OperatorPlan.from_dict(plan.to_dict())
+
+    assert restored == plan
+    assert restored.digest() == plan.digest()
+
+
+def test_decoder_override_keeps_final_normaliser():
+    plan = OperatorPlan.preset("decoder-friendly+activation=silu_piecewise", NUM_LAYERS)
+
+    assert plan.layers == (LayerPlan("silu_piecewise", "power_softmax", "rmsnorm"),) * NUM_LAYERS
+    assert plan.is_decoder
+    assert plan.final_normaliser == "rmsnorm"

@@ -130,6 +130,18 @@ def render_table(results: dict) -> str:
         + ", ".join(f"{value:.2f}" for value in results["load_after"]["load_average_1_5_15_min"])
         + " at the end.",
     ]
+    # Rows measured by a later run of the benchmark on a subset of the operators.
+    for run in results.get("merged_runs", []):
+        names = ", ".join(f"`{key.split('/', 1)[1]}`" for key in run["operators"])
+        start = run["machine"]["load_average_1_5_15_min"]
+        end = run["load_after"]["load_average_1_5_15_min"]
+        lines += [
+            "",
+            f"The rows of {names} come from `{run['command']}` on {run['created']}, same "
+            f"machine and settings, load average {start[0]:.2f}, {start[1]:.2f}, "
+            f"{start[2]:.2f} at the start and {end[0]:.2f}, {end[1]:.2f}, {end[2]:.2f} at the "
+            f"end. {run['reason']}",
+        ]
     return "\n".join(lines)
 
 

@@ -521,7 +521,8 @@ def check_same_run(saved: dict, current: dict, source: Path) -> None:
         saved_value = saved.get("config", {}).get(name, "(missing)")
         if saved_value != value:
             differences.append(f"{name}: {saved_value!r} in {source.name}, {value!r} now")
-    for name in ("teacher_weights_sha256", "target_plan", "order"):
+    # Every other entry of the identity (teacher, plan, order and, for decoders, the data).
+    for name in (key for key in current if key != "config"):
         if saved.get(name) != current[name]:
             differences.append(f"{name}: {saved.get(name)!r} in {source.name}, "
                                f"{current[name]!r} now")
@@ -533,7 +534,8 @@ def check_same_run(saved: dict, current: dict, source: Path) -> None:
         )
 
 
-def _read_state(path: Path) -> dict | None:
+def read_state(path: Path) -> dict | None:
+    """Return the state file's content, None when there is none; raise when it is unreadable."""
     if not path.is_file():
         return None
     try:
@@ -602,13 +604,13 @@ def distill(
 
     with WorkDirLock(work_dir / LOCK_FILE):
         state_path = work_dir / STATE_FILE
-        state = _read_state(state_path)
+        state = read_state(state_path)
         if state is not None:
             check_same_run(state, identity, state_path)
         if data is None:
             data = load_distill_data(cfg)
         teacher_params = jax.tree_util.tree_map(jnp.asarray, teacher.params)
-        params, records = _resume(work_dir, identity, teacher_params)
+        params, records = resume_progress(work_dir, identity, teacher_params)
         if state is not None and "teacher_validation_accuracy" in state:
             teacher_validation = state["teacher_validation_accuracy"]
         else:
@@ -628,7 +630,7 @@ def distill(
             params, record = run_stage(stage, params, teacher, teacher_params, data, cfg)
             records.append(record)
             save_checkpoint(work_dir / PROGRESS_FILE,
-                            _progress_checkpoint(params, teacher, stage, identity, records))
+                            progress_checkpoint(params, teacher, stage, identity, records))
             _write_state(work_dir, identity, records, len(stages), teacher_validation)
             if on_stage_end is not None:
                 on_stage_end(record)
@@ -640,7 +642,8 @@ def distill(
     return report
 
 
-def _resume(work_dir: Path, identity: dict, teacher_params: Params) -> tuple[Params, list[dict]]:
+def resume_progress(work_dir: Path, identity: dict,
+                    teacher_params: Params) -> tuple[Params, list[dict]]:
     """Load the weights and records after the last finished stage, or start from the teacher."""
     path = work_dir / PROGRESS_FILE
     if not path.is_file():
@@ -651,8 +654,9 @@ def _resume(work_dir: Path, identity: dict, teacher_params: Params) -> tuple[Par
     return jax.tree_util.tree_map(jnp.asarray, saved.params), list(progress["stages"])
 
 
-def _progress_checkpoint(params: Params, teacher: Checkpoint, stage: Stage, identity: dict,
-                         records: list[dict]) -> Checkpoint:
+def progress_checkpoint(params: Params, teacher: Checkpoint, stage: Stage, identity: dict,
+                        records: list[dict]) -> Checkpoint:
+    """Build the checkpoint of the student after ``stage``, with the run's identity and records."""
     metadata = {**teacher.metadata,
                 "distill": {**identity, "completed_stages": len(records), "stages": records}}
     return Checkpoint(jax.tree_util.tree_map(np.asarray, params), teacher.config, stage.plan,
