@@ -21,9 +21,10 @@ the small size: that warm-up absorbs one-time costs (OT and HE set-up) and is di
 
 Usage (about 10 minutes on 2 cores):
 
-    python benchmarks/operator_costs.py --out benchmarks/results/operator-costs.json
+    python benchmarks/operator_costs.py
 
-It writes the JSON atomically and regenerates the table of ``docs/operators.md``.
+It writes the JSON atomically to ``cipherprompt/ops/operator-costs.json``, package data that
+``Operator.cheetah_cost()`` reads, and regenerates the table of ``docs/operators.md``.
 ``--render-only`` regenerates the table from an existing JSON file.
 """
 
@@ -302,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure each operator's CHEETAH cost per element between two processes "
                     "on 127.0.0.1 and regenerate the table of docs/operators.md.")
     parser.add_argument("--out", type=Path, default=None,
-                        help="results JSON to write (default: the repository's "
-                             "benchmarks/results/operator-costs.json)")
+                        help="results JSON to write (default: the package data file "
+                             "cipherprompt/ops/operator-costs.json)")
     parser.add_argument("--doc", type=Path, default=None,
                         help="Markdown file whose operator table to regenerate (default: "
                              "docs/operators.md); 'none' skips it")

@@ -25,10 +25,19 @@ MESSAGES = {"embedding": 6, "layer": 40, "head": 4}
 OVERHEAD = 0.02  # seconds per stage not attributed to any operator
 
 
-def synthetic_cost(shape, seq, scale=1.0, **extra):
-    """A cost dict in QueryCost.to_dict() form whose costs follow the estimate's own rules."""
+def synthetic_cost(shape, seq, scale=1.0, embedding=True, head=True, **extra):
+    """A cost dict in QueryCost.to_dict() form whose costs follow the estimate's own rules.
+
+    Without ``embedding`` the first stage is the bench's free hidden-state input instead."""
     stages = []
-    names = ["embedding", *(f"layer{i}" for i in range(shape.layers)), "head"]
+    if not embedding:
+        stages.append({"stage": "hidden_input", "seconds": 0.002, "bytes_sent": 0,
+                       "bytes_received": 0, "messages_sent": 0, "messages_received": 0,
+                       "operators": [{"operator": "add", "count": 1, "seconds": 0.0002,
+                                      "bytes_sent": 0, "bytes_received": 0,
+                                      "messages_sent": 0, "messages_received": 0}]})
+    names = [*(["embedding"] if embedding else []), *(f"layer{i}" for i in range(shape.layers)),
+             *(["head"] if head else [])]
     for name in names:
         kind = est.stage_kind(name)
         drivers = est.stage_drivers(kind, shape, seq)
@@ -351,3 +360,232 @@ def test_duration_and_size_formats():
     assert est.format_size(1.59e9) == "1.59 GB"
     assert est.format_size(2.5e15) == "2,500 TB"
     assert est.format_size(0) == "0 B"
+
+
+# -- bench records and demo reports ----------------------------------------------------------------
+
+SMALL = est.ModelShape("bert-L1-H128-A2", hidden=128, heads=2, kv_heads=2, ffn=512, layers=1,
+                       vocab=30522)
+SMALL_CONFIG = {"vocab_size": 30522, "hidden_size": 128, "num_layers": 1, "num_heads": 2,
+                "intermediate_size": 512, "max_positions": 512}
+MACHINE = {"cpu": "AMD EPYC", "cores": 2, "usable_cores": 2, "memory_gib": 23.5, "spu": "0.9.5"}
+
+
+def bench_record(config, seq, plans, network=None, run_layers=None):
+    """A record in the form ``cipherprompt bench`` writes; ``plans`` maps a plan to its queries."""
+    return {
+        "command": "cipherprompt bench ...",
+        "max_len": seq,
+        "machine": MACHINE,
+        "network": network or {"preset": "loopback", "bandwidth_bit_s": None, "rtt_s": 0.0},
+        "load_average": {"start": [10.06, 14.7, 21.4], "end": [10.24, 12.8, 19.1]},
+        "model": {"name": "bert-base (changed by --config)", "config": config,
+                  "run_layers": run_layers or config["num_layers"]},
+        "plans": {plan: {"client_queries": queries} for plan, queries in plans.items()},
+    }
+
+
+def small_queries(seq, count, scale=1.0, head=False):
+    return [synthetic_cost(SMALL, seq, scale, embedding=False, head=head) for _ in range(count)]
+
+
+def load_all(path, shape=MINILM, seq=32):
+    return est.load_measurements(path, shape, seq, "exact", "synthetic, no machine")
+
+
+def test_bench_record_measurements_per_plan(tmp_path):
+    record = bench_record(SMALL_CONFIG, 64, {"exact": small_queries(64, 3),
+                                             "friendly": small_queries(64, 3, scale=0.5)})
+    measurements = load_all(write_cost(tmp_path / "bench.json", record))
+
+    # The first query of each plan pays the session's set-up and is left out.
+    assert [(m.plan, m.query) for m in measurements] == [
+        ("exact", (2, 3)), ("exact", (3, 3)), ("friendly", (2, 3)), ("friendly", (3, 3))]
+    for measurement in measurements:
+        assert measurement.configuration == ("bert-L1-H128-A2", 64)
+        assert measurement.shape == SMALL
+        assert not measurement.includes_setup
+        assert "AMD EPYC, 2 usable cores" in measurement.machine
+        assert "load average 10.1 at the start" in measurement.machine
+        # The hidden-state input replaces the embedding in this run and is not fitted.
+        assert set(measurement.stages) == {"layer"}
+
+
+def test_bench_record_single_query_kept(tmp_path):
+    record = bench_record(SMALL_CONFIG, 32, {"exact": small_queries(32, 1)})
+    (measurement,) = load_all(write_cost(tmp_path / "bench.json", record))
+
+    assert measurement.query == (1, 1)
+    assert measurement.includes_setup
+
+
+def test_bench_record_of_preset_shape(tmp_path):
+    minilm_config = {"vocab_size": 30522, "hidden_size": 384, "num_layers": 6, "num_heads": 12,
+                     "intermediate_size": 1536}
+    record = bench_record(minilm_config, 32, {"exact": [synthetic_cost(MINILM, 32)] * 2})
+    measurements = load_all(write_cost(tmp_path / "bench.json", record),
+                            shape=est.MODEL_PRESETS["bert-base"], seq=128)
+
+    assert [m.configuration for m in measurements] == [("minilm-l6", 32)]
+    assert measurements[0].shape is MINILM
+
+
+def test_bench_shape_names():
+    assert est.bench_shape(SMALL_CONFIG, 1).name == "bert-L1-H128-A2"
+    odd_ffn = {**SMALL_CONFIG, "intermediate_size": 300}
+    assert est.bench_shape(odd_ffn, 1).name == "bert-L1-H128-A2-F300"
+    # One layer run of a 12-layer BERT-base is its own configuration, not the preset.
+    base = {**SMALL_CONFIG, "hidden_size": 768, "num_heads": 12, "intermediate_size": 3072,
+            "num_layers": 12}
+    assert est.bench_shape(base, 12) is est.MODEL_PRESETS["bert-base"]
+    assert est.bench_shape(base, 1).name == "bert-L1-H768-A12"
+
+
+def test_bench_record_emulated_network_rejected(tmp_path):
+    wan = {"preset": "wan", "bandwidth_bit_s": 100e6, "rtt_s": 0.04}
+    record = bench_record(SMALL_CONFIG, 32, {"exact": small_queries(32, 2)}, network=wan)
+    with pytest.raises(ValueError, match="emulated network 'wan'.*--network loopback"):
+        load_all(write_cost(tmp_path / "wan.json", record))
+
+
+def test_bench_record_missing_config_field(tmp_path):
+    config = {key: value for key, value in SMALL_CONFIG.items() if key != "hidden_size"}
+    record = bench_record(config, 32, {"exact": small_queries(32, 2)})
+    with pytest.raises(ValueError, match="model config: field 'hidden_size' must be a positive"):
+        load_all(write_cost(tmp_path / "bench.json", record))
+
+
+def test_bench_record_layer_stages_checked(tmp_path):
+    record = bench_record(SMALL_CONFIG, 32, {"exact": small_queries(32, 2)}, run_layers=2)
+    with pytest.raises(ValueError, match="1 layer stages, but the source model bert-L2"):
+        load_all(write_cost(tmp_path / "bench.json", record))
+
+
+def test_demo_report_drops_first_query(tmp_path):
+    queries = [{"text": "a", "cost": synthetic_cost(MINILM, 48, scale=scale)}
+               for scale in (1.5, 1.0, 1.0)]
+    report = {"command": "cipherprompt demo", "plan": "exact", "max_len": 48,
+              "queries": queries}
+    measurements = load_all(write_cost(tmp_path / "demo-report.json", report))
+
+    assert [m.query for m in measurements] == [(2, 3), (3, 3)]
+    assert [m.configuration for m in measurements] == [("minilm-l6", 48)] * 2
+    assert measurements[0].bytes == pytest.approx(synthetic_cost(MINILM, 48)["bytes_sent"]
+                                                  + synthetic_cost(MINILM, 48)["bytes_received"])
+
+
+def test_select_plan():
+    exact = est.Measurement(path=None, shape=SMALL, seq=32, plan="exact", machine="",
+                            seconds=1, bytes=1, messages=1, stages={})
+    friendly = est.Measurement(path=None, shape=SMALL, seq=32, plan="friendly", machine="",
+                               seconds=1, bytes=1, messages=1, stages={})
+    with pytest.raises(ValueError, match="operator plans exact, friendly; choose one with"):
+        est.select_plan([exact, friendly], None)
+    assert est.select_plan([exact, friendly], "friendly") == [friendly]
+    assert est.select_plan([exact], None) == [exact]
+    with pytest.raises(ValueError, match="no measurement of plan 'reference'"):
+        est.select_plan([exact, friendly], "reference")
+
+
+def test_self_check_across_bench_configurations(tmp_path):
+    whole = load(write_cost(tmp_path / "minilm.json", synthetic_cost(MINILM, 32)))
+    small_32 = load_all(write_cost(tmp_path / "small-32.json", bench_record(
+        SMALL_CONFIG, 32, {"exact": small_queries(32, 3)})))
+    # The 64-token run also has the head, and costs 30% more than the rules predict.
+    small_64 = load_all(write_cost(tmp_path / "small-64.json", bench_record(
+        SMALL_CONFIG, 64, {"exact": small_queries(64, 2, scale=1.3, head=True)})))
+    checks = {check.held_out: check for check in est.self_check([whole, *small_32, *small_64])}
+
+    assert set(checks) == {("minilm-l6", 32), ("bert-L1-H128-A2", 32), ("bert-L1-H128-A2", 64)}
+    # No small run has the embedding, so the left-out MiniLM is compared on layers and head.
+    assert checks[("minilm-l6", 32)].stages == ("layer", "head")
+    assert checks[("bert-L1-H128-A2", 32)].stages == ("layer",)
+    held_out = checks[("bert-L1-H128-A2", 64)]
+    assert held_out.fitted_on == (("minilm-l6", 32), ("bert-L1-H128-A2", 32))
+    assert held_out.stages == ("layer", "head")
+    assert held_out.bytes_error == pytest.approx(1 / 1.3 - 1, rel=1e-6)
+    assert held_out.measured["bytes"] == pytest.approx(
+        small_64[0].stages["layer"].bytes + small_64[0].stages["head"].bytes)
+    assert held_out.projected["bytes"] == pytest.approx(held_out.measured["bytes"] / 1.3)
+    # Fitted partly on the dearer 64-token run, the 32-token projection comes out high.
+    assert 0 < checks[("bert-L1-H128-A2", 32)].bytes_error < 0.3
+
+
+def test_estimate_needs_embedding_and_head(tmp_path):
+    small = load_all(write_cost(tmp_path / "small.json", bench_record(
+        SMALL_CONFIG, 32, {"exact": small_queries(32, 2)})))
+    with pytest.raises(ValueError, match="no measurement contains the embedding or head stage"):
+        est.build_estimate(small, est.MODEL_PRESETS["bert-base"], 128,
+                           est.NETWORK_PRESETS["wan"])
+
+
+def test_command_checks_against_bench_records(tmp_path):
+    cost = write_cost(tmp_path / "q.json", synthetic_cost(MINILM, 32))
+    bench = write_cost(tmp_path / "bench.json", bench_record(SMALL_CONFIG, 64, {
+        "exact": small_queries(64, 2, scale=1.3), "friendly": small_queries(64, 2)}))
+    out = tmp_path / "report"
+    argv = ["--measured", str(cost), str(bench), "--model", "bert-base", "--out", str(out)]
+    with pytest.raises(ValueError, match="choose one with --plan"):
+        run_command(argv)
+
+    assert run_command([*argv, "--plan", "exact"]) == 0
+    section = (out / "estimate.md").read_text().split("## Self-check")[1].split("## Assumptions")[0]
+    assert ("projected to bert-L1-H128-A2 @ 64 and compared with its measurement over the "
+            "layers: ") in section
+    assert "traffic -23.1%" in section
+    assert "Traffic and messages do not depend on the load" in section
+    numbers = json.loads((out / "estimate.json").read_text())
+    checks = {tuple(check["held_out"]): check for check in numbers["self_check"]}
+    assert checks[("bert-L1-H128-A2", 64)]["stages"] == ["layer"]
+    assert checks[("bert-L1-H128-A2", 64)]["bytes_error"] == pytest.approx(1 / 1.3 - 1)
+    assert [source["query"] for source in numbers["sources"]] == [None, [2, 2]]
+
+    assert run_command([*argv, "--plan", "exact", "--lang", "ja"]) == 0
+    japanese = (out / "estimate.ja.md").read_text()
+    assert "(レイヤーについて)" in japanese
+    assert "(2 件中 2 件目のクエリ)" in japanese
+    assert "AMD EPYC、使用可能なコア 2 個、23.5 GiB" in japanese
+    assert "1 分間の負荷平均は開始時 10.1、終了時 10.2" in japanese
+
+
+def test_committed_bench_records_load():
+    # Records that `cipherprompt bench` wrote, to hold the reader to the real format.
+    results = est.Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    small = load_all(results / "small-h128-l1-32-loopback.json")
+    assert {m.plan for m in small} == {"exact", "friendly", "reference"}
+    assert {m.configuration for m in small} == {("bert-L1-H128-A2", 32)}
+    assert [m.query for m in small if m.plan == "exact"] == [(2, 3), (3, 3)]
+    assert all(set(m.stages) == {"layer"} for m in small)
+
+    minilm = load_all(results / "minilm-32-loopback.json")
+    assert [(m.plan, m.configuration, m.includes_setup) for m in minilm] == [
+        ("exact", ("minilm-l6", 32), True), ("friendly", ("minilm-l6", 32), True)]
+    assert set(minilm[0].stages) == {"embedding", "layer", "head"}
+
+    checks = est.self_check(est.select_plan([*small, *minilm], "exact"))
+    assert [check.stages for check in checks] == [("layer",), ("layer",)]
+
+
+def test_example_pages_are_generated():
+    # docs/estimate-example is the output of the command that docs/estimate.md gives, so its
+    # self-check figures are the projection errors that the committed records produce.
+    root = est.Path(__file__).resolve().parents[1]
+    results = root / "benchmarks" / "results"
+    machine = ("Intel Xeon, 2 cores, 23.5 GiB, client and server on one host over loopback, "
+               "shared with other jobs")
+    measurements = [
+        measurement
+        for name in ("minilm-exact-32-demo.json", "small-h128-l1-32-loopback.json",
+                     "small-h128-l1-64-loopback.json")
+        for measurement in est.load_measurements(results / name, MINILM, 32, "exact", machine)
+    ]
+    estimate = est.build_estimate(est.select_plan(measurements, "exact"),
+                                  est.MODEL_PRESETS["bert-base"], 128, est.NETWORK_PRESETS["wan"])
+    held_out = {check.held_out: check for check in estimate.checks}[("bert-L1-H128-A2", 64)]
+    assert held_out.fitted_on == (("minilm-l6", 32), ("bert-L1-H128-A2", 32))
+
+    for lang, page in (("en", "estimate.md"), ("ja", "estimate.ja.md")):
+        committed = (root / "docs" / "estimate-example" / page).read_text()
+        assert committed == est.render_markdown(estimate, lang, "estimate.png"), (
+            f"docs/estimate-example/{page} is out of date; rerun the command in "
+            "docs/estimate.md")

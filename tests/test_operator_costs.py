@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -164,3 +167,36 @@ def test_benchmark_keeps_full_results(tmp_path):
 
 def test_results_file_is_committed():
     assert RESULTS_PATH.exists(), f"run {BENCHMARK.name} to create {RESULTS_PATH}"
+
+
+def test_installed_package_reads_results(tmp_path):
+    # A non-editable install has no repository around the package, so the results file must
+    # travel as package data. Build from a copy, so that no build output lands in the checkout.
+    pytest.importorskip("setuptools")
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, source / name)
+    shutil.copytree(REPO_ROOT / "cipherprompt", source / "cipherprompt",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    target = tmp_path / "installed"
+
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", str(source), "--target", str(target),
+         "--no-deps", "--no-build-isolation", "--no-index", "--quiet"],
+        capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr[-3000:]
+    assert (target / "cipherprompt" / "ops" / "operator-costs.json").is_file()
+
+    probe = subprocess.run(
+        [sys.executable, "-c",
+         "from cipherprompt.ops import ACTIVATIONS\n"
+         "from cipherprompt.ops.costs import RESULTS_PATH\n"
+         "print(RESULTS_PATH)\n"
+         "print(ACTIVATIONS['relu'].cheetah_cost()['name'])"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(target)})
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    results_path, name = probe.stdout.split()
+    assert Path(results_path).is_relative_to(target)
+    assert name == "relu"

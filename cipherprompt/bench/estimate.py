@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cipherprompt.bench.files import write_atomically, write_text_atomically
@@ -168,6 +168,8 @@ HIDDEN_ELEMENTS = "hidden-state elements: seq x hidden"
 
 OTHER_OPERATOR = "(rest of stage)"
 
+# NOTE: the rules have no fixed cost per operator call. In a layer with hidden 128 and 2 heads,
+# exponential, dot_general and reciprocal sent nearly the same bytes at 64 tokens as at 32.
 LAYER_RULES: dict[str, tuple[str, str]] = {
     "dot": (MATMUL_IO, MATMUL_IO),
     "dot_general": (ATTENTION_MACS, ATTENTION_IO),
@@ -325,6 +327,10 @@ def operator_drivers(kind: str, operator: str) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------
 # Measurements
 
+# A bench run without the embedding feeds the first layer a random secret-shared hidden state
+# in this stage. It costs no traffic and is no part of a deployed model, so it is not fitted.
+HIDDEN_INPUT_STAGE = "hidden_input"
+
 
 @dataclass(frozen=True)
 class OperatorTotals:
@@ -348,7 +354,7 @@ class StageTotals:
 
 @dataclass
 class Measurement:
-    """One cost file with the configuration it was measured on."""
+    """One measured query with the configuration it was measured on."""
 
     path: Path
     shape: ModelShape
@@ -359,6 +365,17 @@ class Measurement:
     bytes: float
     messages: float
     stages: dict[str, StageTotals]
+    # (number, total) of the query within a demo report or a bench record's plan.
+    query: tuple[int, int] | None = None
+    # The first query of a session also pays the OT and HE set-up.
+    includes_setup: bool = False
+    # A bench record's "machine" and "load_average" objects, described in the page's language.
+    machine_record: tuple[object, object] | None = None
+
+    def describe_machine(self, lang: str) -> str:
+        if self.machine_record is None:
+            return self.machine
+        return describe_machine(*self.machine_record, lang=lang)
 
     @property
     def configuration(self) -> tuple[str, int]:
@@ -372,9 +389,12 @@ def _number(data: dict, key: str, where: str) -> float:
     return float(value)
 
 
-def _parse_stage(stage: dict, where: str) -> tuple[str, StageTotals]:
+def _parse_stage(stage: dict, where: str) -> tuple[str, StageTotals] | None:
+    """Return the stage's kind and totals, or None for the bench's hidden-state input."""
     if not isinstance(stage, dict) or not isinstance(stage.get("stage"), str):
         raise ValueError(f"{where}: each entry of 'stages' needs a string field 'stage'")
+    if stage["stage"] == HIDDEN_INPUT_STAGE:
+        return None
     try:
         kind = stage_kind(stage["stage"])
     except ValueError as error:
@@ -400,34 +420,61 @@ def _parse_stage(stage: dict, where: str) -> tuple[str, StageTotals]:
     return kind, totals
 
 
-def load_measurement(path: Path, shape: ModelShape, seq: int, plan: str,
-                     machine: str) -> Measurement:
-    """Read one cost file. Fields ``model`` (a preset name), ``max_len``, ``plan`` and
-    ``machine`` in the file override the arguments, because they were recorded with it."""
-    path = Path(path)
+def _read_json(path: Path) -> object:
     try:
-        data = json.loads(path.read_text())
+        return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ValueError(f"measurement file not found: {path}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"measurement file {path} is not readable JSON: {error}") from None
-    where = f"measurement file {path}"
-    if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
+
+
+def _query_stages(cost: object, where: str) -> dict[str, StageTotals]:
+    """Sum the stages of one cost dict (``QueryCost.to_dict()`` form) by stage kind."""
+    if not isinstance(cost, dict) or not isinstance(cost.get("stages"), list):
         raise ValueError(f"{where}: expected a JSON object with a list 'stages', as "
                          "QueryCost.to_dict() writes")
-
     stages: dict[str, StageTotals] = {}
-    for stage in data["stages"]:
-        kind, totals = _parse_stage(stage, where)
+    for stage in cost["stages"]:
+        parsed = _parse_stage(stage, where)
+        if parsed is None:
+            continue
+        kind, totals = parsed
         merged = stages.setdefault(kind, StageTotals())
         merged.count += totals.count
         merged.seconds += totals.seconds
         merged.bytes += totals.bytes
         merged.messages += totals.messages
-        for name, cost in totals.operators.items():
-            merged.operators[name] = merged.operators.get(name, OperatorTotals()) + cost
+        for name, cost_row in totals.operators.items():
+            merged.operators[name] = merged.operators.get(name, OperatorTotals()) + cost_row
     if stages.get("layer") is None:
         raise ValueError(f"{where}: no layer stages (layer0, layer1, ...) found")
+    return stages
+
+
+def _measurement(path: Path, where: str, stages: dict[str, StageTotals], shape: ModelShape,
+                 seq: int, plan: str, machine: str,
+                 layers_hint: str = "pass the right --source-model", **extra) -> Measurement:
+    if seq <= 0:
+        raise ValueError(f"{where}: sequence length must be positive, got {seq}")
+    if stages["layer"].count != shape.layers:
+        raise ValueError(f"{where}: {stages['layer'].count} layer stages, but the source model "
+                         f"{shape.name} has {shape.layers} layers; {layers_hint}")
+    return Measurement(path=path, shape=shape, seq=seq, plan=plan, machine=machine,
+                       seconds=sum(s.seconds for s in stages.values()),
+                       bytes=sum(s.bytes for s in stages.values()),
+                       messages=sum(s.messages for s in stages.values()),
+                       stages=stages, **extra)
+
+
+def load_measurement(path: Path, shape: ModelShape, seq: int, plan: str,
+                     machine: str) -> Measurement:
+    """Read one cost file. Fields ``model`` (a preset name), ``max_len``, ``plan`` and
+    ``machine`` in the file override the arguments, because they were recorded with it."""
+    path = Path(path)
+    data = _read_json(path)
+    where = f"measurement file {path}"
+    stages = _query_stages(data, where)
 
     if isinstance(data.get("model"), str):
         shape = model_preset(data["model"])
@@ -439,17 +486,142 @@ def load_measurement(path: Path, shape: ModelShape, seq: int, plan: str,
         machine = ", ".join(f"{key} {value}" for key, value in data["machine"].items())
     elif isinstance(data.get("machine"), str):
         machine = data["machine"]
-    if seq <= 0:
-        raise ValueError(f"{where}: sequence length must be positive, got {seq}")
-    if stages["layer"].count != shape.layers:
-        raise ValueError(f"{where}: {stages['layer'].count} layer stages, but the source model "
-                         f"{shape.name} has {shape.layers} layers; pass the right --source-model")
+    return _measurement(path, where, stages, shape, seq, plan, machine)
 
-    return Measurement(path=path, shape=shape, seq=seq, plan=plan, machine=machine,
-                       seconds=sum(s.seconds for s in stages.values()),
-                       bytes=sum(s.bytes for s in stages.values()),
-                       messages=sum(s.messages for s in stages.values()),
-                       stages=stages)
+
+def _session_queries(queries: list, where: str) -> list[tuple[int, object]]:
+    """Return (number, query) of the queries to fit. The first query of a session also pays the
+    OT and HE set-up, so it is left out when later queries exist, as ``bench`` does."""
+    if not queries:
+        raise ValueError(f"{where}: the record lists no queries")
+    numbered = list(enumerate(queries, start=1))
+    return numbered[1:] if len(numbered) > 1 else numbered
+
+
+def _record_int(data: dict, key: str, where: str) -> int:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{where}: field {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def bench_shape(config: dict, layers: int, where: str = "bench record") -> ModelShape:
+    """Return the shape of a bench record's BERT ``config`` with the ``layers`` that ran.
+
+    The name is the matching preset's, else BERT's ``L-H-A`` form (with ``-F`` for an FFN
+    other than 4 x hidden), so that two records of one shape form one configuration."""
+    sizes = {name: _record_int(config, key, f"{where}, model config") for name, key in (
+        ("hidden", "hidden_size"), ("heads", "num_heads"), ("ffn", "intermediate_size"),
+        ("vocab", "vocab_size"))}
+    shape = ModelShape("bench", kv_heads=sizes["heads"], layers=layers, **sizes)
+    for preset in MODEL_PRESETS.values():
+        if preset == replace(shape, name=preset.name):
+            return preset
+    name = f"bert-L{layers}-H{shape.hidden}-A{shape.heads}"
+    if shape.ffn != 4 * shape.hidden:
+        name += f"-F{shape.ffn}"
+    return replace(shape, name=name)
+
+
+MACHINE_TEXT = {
+    "en": {"cores": "{} usable cores", "load": "; 1-minute load average {:.1f} at the start, "
+                                               "{:.1f} at the end"},
+    "ja": {"cores": "使用可能なコア {} 個", "load": "。1 分間の負荷平均は開始時 {:.1f}、終了時 {:.1f}"},
+}
+
+
+def describe_machine(machine: object, load_average: object = None, lang: str = "en") -> str:
+    """Describe a record's machine (``machine_facts()`` form) and its load average."""
+    if isinstance(machine, str):
+        text = machine
+    elif isinstance(machine, dict):
+        parts = [str(machine.get("cpu", "unknown CPU"))]
+        if "usable_cores" in machine:
+            parts.append(MACHINE_TEXT[lang]["cores"].format(machine["usable_cores"]))
+        if "memory_gib" in machine:
+            parts.append(f"{machine['memory_gib']} GiB")
+        if "spu" in machine:
+            parts.append(f"spu {machine['spu']}")
+        text = ("、" if lang == "ja" else ", ").join(parts)
+    else:
+        text = ""
+    if isinstance(load_average, dict):
+        start, end = load_average.get("start"), load_average.get("end")
+        if isinstance(start, list) and isinstance(end, list) and start and end:
+            text += MACHINE_TEXT[lang]["load"].format(start[0], end[0])
+    return text
+
+
+def _bench_measurements(path: Path, data: dict) -> list[Measurement]:
+    """Read a ``cipherprompt bench`` record: one measurement per fitted query of each plan."""
+    where = f"bench record {path}"
+    model = data.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("config"), dict):
+        raise ValueError(f"{where}: the object 'model' or its 'config' is missing")
+    layers = model.get("run_layers", model["config"].get("num_layers"))
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers <= 0:
+        raise ValueError(f"{where}: 'model.run_layers' must be a positive integer, got "
+                         f"{layers!r}")
+    shape = bench_shape(model["config"], layers, where)
+    seq = _record_int(data, "max_len", where)
+
+    # The estimate's compute seconds must not contain transfer or latency that it adds itself.
+    network = data.get("network") or {}
+    if network.get("bandwidth_bit_s") is not None or (network.get("rtt_s") or 0) > 0:
+        raise ValueError(
+            f"{where}: measured on the emulated network {network.get('preset')!r}, so its "
+            "seconds include transfer and latency; pass a record measured with --network "
+            "loopback")
+    machine_record = (data.get("machine"), data.get("load_average"))
+    machine = describe_machine(*machine_record)
+
+    measurements = []
+    for plan, figures in data["plans"].items():
+        queries = figures.get("client_queries") if isinstance(figures, dict) else None
+        if not isinstance(queries, list):
+            raise ValueError(f"{where}: plan {plan!r} has no list 'client_queries'")
+        for number, query in _session_queries(queries, f"{where}, plan {plan}"):
+            query_where = f"{where}, plan {plan}, query {number}"
+            measurements.append(_measurement(
+                path, query_where, _query_stages(query, query_where), shape, seq, plan, machine,
+                layers_hint="the record's model.run_layers disagrees with its stages",
+                query=(number, len(queries)), includes_setup=number == 1,
+                machine_record=machine_record))
+    return measurements
+
+
+def _demo_measurements(path: Path, data: dict, shape: ModelShape, seq: int, plan: str,
+                       machine: str) -> list[Measurement]:
+    """Read a ``cipherprompt demo`` report: one measurement per fitted query. The report does
+    not record the model, so the caller passes it as ``shape`` (from --source-model)."""
+    where = f"demo report {path}"
+    if isinstance(data.get("max_len"), int):
+        seq = data["max_len"]
+    if isinstance(data.get("plan"), str):
+        plan = data["plan"]
+    measurements = []
+    for number, query in _session_queries(data["queries"], where):
+        query_where = f"{where}, query {number}"
+        cost = query.get("cost") if isinstance(query, dict) else None
+        measurements.append(_measurement(
+            path, query_where, _query_stages(cost, query_where), shape, seq, plan, machine,
+            query=(number, len(data["queries"])), includes_setup=number == 1))
+    return measurements
+
+
+def load_measurements(path: Path, shape: ModelShape, seq: int, plan: str,
+                      machine: str) -> list[Measurement]:
+    """Read a cost file, a demo report or a bench record and return its measured queries.
+
+    A bench record states its own model, sequence length, plans, machine and network. The
+    arguments fill in what a cost file or a demo report does not record."""
+    path = Path(path)
+    data = _read_json(path)
+    if isinstance(data, dict) and isinstance(data.get("plans"), dict):
+        return _bench_measurements(path, data)
+    if isinstance(data, dict) and isinstance(data.get("queries"), list):
+        return _demo_measurements(path, data, shape, seq, plan, machine)
+    return [load_measurement(path, shape, seq, plan, machine)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,6 +634,11 @@ class UnitCosts:
 
     operators: dict[str, dict[str, tuple[float, float]]]
     messages_per_stage: dict[str, float]
+
+    @property
+    def stage_kinds(self) -> tuple[str, ...]:
+        """The stage kinds that the fitted measurements contain."""
+        return tuple(self.operators)
 
 
 def _stage_residual(totals: StageTotals) -> OperatorTotals:
@@ -496,11 +673,13 @@ def fit_unit_costs(measurements: list[Measurement]) -> UnitCosts:
                 entry[3] += drivers[bytes_driver] * totals.count
             message_sum += totals.messages
             stage_count += totals.count
+        if not stage_count:
+            continue
         operators[kind] = {
             name: (seconds / s_driver if s_driver else 0.0, bytes_ / b_driver if b_driver else 0.0)
             for name, (seconds, s_driver, bytes_, b_driver) in sums.items()
         }
-        messages[kind] = message_sum / stage_count if stage_count else 0.0
+        messages[kind] = message_sum / stage_count
     return UnitCosts(operators, messages)
 
 
@@ -515,6 +694,7 @@ class Projection:
     messages: float
     bytes_by_stage: dict[str, float]
     seconds_by_stage: dict[str, float]
+    messages_by_stage: dict[str, float]
 
     @property
     def rounds(self) -> float:
@@ -530,15 +710,23 @@ class Projection:
         return self.rounds * network.rtt_s
 
 
-def project(units: UnitCosts, shape: ModelShape, seq: int) -> Projection:
-    """Apply the unit costs to ``shape`` at sequence length ``seq``."""
+def project(units: UnitCosts, shape: ModelShape, seq: int,
+            kinds: tuple[str, ...] | None = None) -> Projection:
+    """Apply the unit costs to ``shape`` at sequence length ``seq``, for the stage ``kinds``
+    (default: every kind that the unit costs were fitted on)."""
     if seq <= 0:
         raise ValueError(f"sequence length must be positive, got {seq}")
+    kinds = units.stage_kinds if kinds is None else kinds
+    unfitted = [kind for kind in kinds if kind not in units.operators]
+    if unfitted:
+        raise ValueError(f"no unit costs for the {', '.join(unfitted)} stage, because no "
+                         "fitted measurement contains it")
     stage_counts = {"embedding": 1, "layer": shape.layers, "head": 1}
     seconds_by_stage: dict[str, float] = {}
     bytes_by_stage: dict[str, float] = {}
-    messages = 0.0
-    for kind, rows in units.operators.items():
+    messages_by_stage: dict[str, float] = {}
+    for kind in kinds:
+        rows = units.operators[kind]
         drivers = stage_drivers(kind, shape, seq)
         seconds = bytes_ = 0.0
         for name, (seconds_unit, bytes_unit) in rows.items():
@@ -547,9 +735,10 @@ def project(units: UnitCosts, shape: ModelShape, seq: int) -> Projection:
             bytes_ += bytes_unit * drivers[bytes_driver]
         seconds_by_stage[kind] = seconds * stage_counts[kind]
         bytes_by_stage[kind] = bytes_ * stage_counts[kind]
-        messages += units.messages_per_stage[kind] * stage_counts[kind]
+        messages_by_stage[kind] = units.messages_per_stage[kind] * stage_counts[kind]
     return Projection(shape, seq, sum(seconds_by_stage.values()), sum(bytes_by_stage.values()),
-                      messages, bytes_by_stage, seconds_by_stage)
+                      sum(messages_by_stage.values()), bytes_by_stage, seconds_by_stage,
+                      messages_by_stage)
 
 
 @dataclass(frozen=True)
@@ -558,20 +747,35 @@ class CheckResult:
 
     held_out: tuple[str, int]
     fitted_on: tuple[tuple[str, int], ...]
+    # Stage kinds compared: those that the held-out and the fitted measurements both contain.
+    stages: tuple[str, ...]
     seconds_error: float  # (projected - measured) / measured
     bytes_error: float
     messages_error: float
+    # Seconds, bytes and messages of one query over ``stages``. Measured figures are the mean
+    # over the held-out configuration's queries.
+    projected: dict[str, float]
+    measured: dict[str, float]
 
 
-def _relative_error(projected: float, measured: list[float]) -> float:
-    mean = sum(measured) / len(measured)
-    return (projected - mean) / mean if mean else math.nan
+def _relative_error(projected: float, measured: float) -> float:
+    return (projected - measured) / measured if measured else math.nan
+
+
+def _measured_over(group: list[Measurement], kinds: tuple[str, ...]) -> dict[str, float]:
+    """Return the mean seconds, bytes and messages of ``group`` over the stage ``kinds``."""
+    return {
+        metric: sum(getattr(m.stages[kind], metric) for m in group for kind in kinds) / len(group)
+        for metric in ("seconds", "bytes", "messages")
+    }
 
 
 def self_check(measurements: list[Measurement]) -> list[CheckResult]:
     """Leave out each measured configuration in turn, fit on the others and project it.
 
     Returns an empty list when fewer than two configurations (model, sequence length) exist.
+    Each check compares only the stage kinds that the left-out configuration and the fitted
+    ones both contain, e.g. the layers alone when a bench record ran without the embedding.
     """
     groups: dict[tuple[str, int], list[Measurement]] = {}
     for measurement in measurements:
@@ -582,13 +786,21 @@ def self_check(measurements: list[Measurement]) -> list[CheckResult]:
     for held_out, group in groups.items():
         fit_on = [m for key, rows in groups.items() if key != held_out for m in rows]
         units = fit_unit_costs(fit_on)
-        projected = project(units, group[0].shape, group[0].seq)
+        kinds = tuple(kind for kind in units.stage_kinds
+                      if all(kind in m.stages for m in group))
+        projection = project(units, group[0].shape, group[0].seq, kinds)
+        projected = {"seconds": projection.seconds, "bytes": projection.bytes,
+                     "messages": projection.messages}
+        measured = _measured_over(group, kinds)
         results.append(CheckResult(
             held_out=held_out,
             fitted_on=tuple(key for key in groups if key != held_out),
-            seconds_error=_relative_error(projected.seconds, [m.seconds for m in group]),
-            bytes_error=_relative_error(projected.bytes, [m.bytes for m in group]),
-            messages_error=_relative_error(projected.messages, [m.messages for m in group]),
+            stages=kinds,
+            seconds_error=_relative_error(projected["seconds"], measured["seconds"]),
+            bytes_error=_relative_error(projected["bytes"], measured["bytes"]),
+            messages_error=_relative_error(projected["messages"], measured["messages"]),
+            projected=projected,
+            measured=measured,
         ))
     return results
 
@@ -651,16 +863,22 @@ TEXT = {
         "chart": "Chart: `{chart}`.",
         "check": "## Self-check",
         "check_body": "Unit costs fitted on {fitted}, projected to {held_out} and compared "
-                      "with its measurement: compute time {seconds}, traffic {bytes}, messages "
-                      "{messages}.",
+                      "with its measurement over the {stages}: compute time {seconds}, traffic "
+                      "{bytes}, messages {messages}.",
+        "check_note": "Traffic and messages do not depend on the load of the measuring machine. "
+                      "Compute time does: the load average of each source is listed below "
+                      "where its file records it.",
         "check_pending": "Pending a second measurement. All measurements share one "
                          "configuration ({config}), so no configuration is left to check the "
                          "projection against, and no projection error can be given yet. Measure "
                          "another sequence length or model size and pass both files.",
         "assumptions": "## Assumptions",
         "sources": "## Source measurements",
-        "source_row": "`{path}`: {model}, {seq} tokens, plan {plan}; {seconds} and {traffic} "
-                      "per query, {messages:,} messages; machine: {machine}.",
+        "stage_names": {"embedding": "embedding", "layer": "layers", "head": "head"},
+        "query_of": " (query {number} of {total})",
+        "setup_note": " The first query of its session: it also pays the OT and HE set-up.",
+        "source_row": "`{path}`{query}: {model}, {seq} tokens, plan {plan}; {seconds} and "
+                      "{traffic} per query, {messages:,} messages; machine: {machine}.{setup}",
         "estimate_note": "All figures are estimates projected from the measurements below.",
         "as_measured": "as measured",
         "machine_unknown": "not recorded in the file (pass --source-machine)",
@@ -680,15 +898,22 @@ TEXT = {
         "stages": "段階別の通信量: 埋め込み {embedding}、全レイヤー {layer}、ヘッド {head}。",
         "chart": "グラフ: `{chart}`。",
         "check": "## 自己検証",
-        "check_body": "{fitted} で単位コストを求め、{held_out} へ外挿して実測と比べた誤差: "
-                      "計算時間 {seconds}、通信量 {bytes}、メッセージ数 {messages}。",
+        "check_body": "{fitted} で単位コストを求め、{held_out} へ外挿して実測と比べた誤差 "
+                      "({stages}について): 計算時間 {seconds}、通信量 {bytes}、メッセージ数 "
+                      "{messages}。",
+        "check_note": "通信量とメッセージ数は計測マシンの負荷によらない。計算時間は負荷に"
+                      "左右される: ファイルに記録がある場合、各計測の負荷平均を下に示す。",
         "check_pending": "2 つ目の計測待ち。すべての計測が同じ構成 ({config}) のため、"
                          "外挿を照合できる構成が残っておらず、誤差はまだ示せない。"
                          "別の系列長かモデルサイズで計測し、両方のファイルを渡すこと。",
         "assumptions": "## 前提",
         "sources": "## 元になった計測",
-        "source_row": "`{path}`: {model}、{seq} トークン、プラン {plan}。1 クエリあたり "
-                      "{seconds}、{traffic}、メッセージ {messages:,} 件。マシン: {machine}。",
+        "stage_names": {"embedding": "埋め込み", "layer": "レイヤー", "head": "ヘッド"},
+        "query_of": " ({total} 件中 {number} 件目のクエリ)",
+        "setup_note": " セッションの最初のクエリのため、OT と HE の準備のコストも含む。",
+        "source_row": "`{path}`{query}: {model}、{seq} トークン、プラン {plan}。1 クエリあたり "
+                      "{seconds}、{traffic}、メッセージ {messages:,} 件。マシン: {machine}。"
+                      "{setup}",
         "estimate_note": "数値はすべて下記の計測から外挿した見積もり。",
         "as_measured": "計測どおり",
         "machine_unknown": "ファイルに記録なし (--source-machine で指定)",
@@ -741,13 +966,27 @@ class Estimate:
             },
             "self_check": [
                 {"held_out": list(check.held_out), "fitted_on": [list(k) for k in check.fitted_on],
+                 "stages": list(check.stages),
                  "seconds_error": check.seconds_error, "bytes_error": check.bytes_error,
-                 "messages_error": check.messages_error}
+                 "messages_error": check.messages_error,
+                 "projected": check.projected, "measured": check.measured}
                 for check in self.checks
             ],
-            "sources": [str(m.path) for m in self.measurements],
+            "sources": [
+                {"path": str(m.path), "query": list(m.query) if m.query else None,
+                 "model": m.shape.name, "seq_len": m.seq, "plan": m.plan, "machine": m.machine,
+                 "includes_setup": m.includes_setup}
+                for m in self.measurements
+            ],
             "assumptions": list(ASSUMPTIONS["en"]),
         }
+
+
+def _join_names(names: list[str], lang: str) -> str:
+    """Join ``names`` as a list in running text: "a, b and c", or "a、b、c" in Japanese."""
+    if lang == "ja":
+        return "、".join(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def _configuration_label(key: tuple[str, int]) -> str:
@@ -797,11 +1036,13 @@ def render_markdown(estimate: Estimate, lang: str, chart_name: str) -> str:
     ]
     if estimate.checks:
         for check in estimate.checks:
-            fitted = ", ".join(_configuration_label(key) for key in check.fitted_on)
+            fitted = _join_names([_configuration_label(key) for key in check.fitted_on], lang)
+            stages = _join_names([text["stage_names"][kind] for kind in check.stages], lang)
             lines.append("- " + text["check_body"].format(
-                fitted=fitted, held_out=_configuration_label(check.held_out),
+                fitted=fitted, held_out=_configuration_label(check.held_out), stages=stages,
                 seconds=_format_error(check.seconds_error), bytes=_format_error(check.bytes_error),
                 messages=_format_error(check.messages_error)))
+        lines += ["", text["check_note"]]
     else:
         config = _configuration_label(estimate.measurements[0].configuration)
         lines.append(text["check_pending"].format(config=config))
@@ -812,11 +1053,15 @@ def render_markdown(estimate: Estimate, lang: str, chart_name: str) -> str:
 
     lines += ["", text["sources"], ""]
     for measurement in estimate.measurements:
+        query = "" if measurement.query is None else text["query_of"].format(
+            number=measurement.query[0], total=measurement.query[1])
         lines.append("- " + text["source_row"].format(
-            path=measurement.path.name, model=measurement.shape.name, seq=measurement.seq,
-            plan=measurement.plan, seconds=format_duration(measurement.seconds, lang),
+            path=measurement.path.name, query=query, model=measurement.shape.name,
+            seq=measurement.seq, plan=measurement.plan,
+            seconds=format_duration(measurement.seconds, lang),
             traffic=format_size(measurement.bytes), messages=int(measurement.messages),
-            machine=measurement.machine or text["machine_unknown"]))
+            machine=measurement.describe_machine(lang) or text["machine_unknown"],
+            setup=text["setup_note"] if measurement.includes_setup else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -852,6 +1097,21 @@ def write_chart(path: Path, estimate: Estimate) -> None:
     write_atomically(path, lambda temporary: figure.savefig(temporary, format="png"))
 
 
+def select_plan(measurements: list[Measurement], plan: str | None) -> list[Measurement]:
+    """Keep the measurements of ``plan``. Without one, the inputs must contain a single plan."""
+    plans = sorted({m.plan for m in measurements})
+    if plan is None:
+        if len(plans) > 1:
+            raise ValueError(f"the measurements contain the operator plans {', '.join(plans)}; "
+                             "choose one with --plan")
+        return measurements
+    selected = [m for m in measurements if m.plan == plan]
+    if not selected:
+        raise ValueError(f"no measurement of plan {plan!r}; the inputs contain "
+                         f"{', '.join(plans)}")
+    return selected
+
+
 def build_estimate(measurements: list[Measurement], target: ModelShape, seq: int,
                    chosen: Network) -> Estimate:
     """Fit on every measurement, project to ``target``, and run the self-check."""
@@ -860,6 +1120,12 @@ def build_estimate(measurements: list[Measurement], target: ModelShape, seq: int
         raise ValueError(f"measurements mix operator plans {sorted(plans)}; fit one plan at a "
                          "time")
     units = fit_unit_costs(measurements)
+    missing = [kind for kind in STAGE_KINDS if kind not in units.stage_kinds]
+    if missing:
+        raise ValueError(
+            f"no measurement contains the {' or '.join(missing)} stage, so the estimate would "
+            "leave it out; add a measurement of a whole model (demo or classify --json cost "
+            "files, or a bench record run with --embedding --head)")
     networks = list(NETWORK_PRESETS.values())
     if chosen.name not in NETWORK_PRESETS:
         networks.append(chosen)
@@ -891,18 +1157,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``estimate`` command to an argparse subparsers object."""
     parser = subparsers.add_parser(
         "estimate", help="project measured query costs to another model, length and network",
-        description="Write a one-page cost estimate (Markdown, PNG chart, JSON) from cost files "
-                    "that classify --json or demo wrote.")
+        description="Write a one-page cost estimate (Markdown, PNG chart, JSON) from measured "
+                    "queries: cost files that classify --json or demo wrote, demo reports, or "
+                    "bench records.")
     parser.add_argument("--measured", type=Path, nargs="+", required=True, metavar="FILE",
-                        help="cost JSON files of measured queries")
+                        help="measured queries: cost JSON files (demo-query-N.json, classify "
+                             "--json), demo-report.json files, or records of cipherprompt bench "
+                             "run on --network loopback, which state their own model, sequence "
+                             "length, plans and machine")
     parser.add_argument("--source-model", default="minilm-l6",
-                        help=f"model the files were measured on: {', '.join(MODEL_PRESETS)}")
+                        help="model that the cost files and demo reports were measured on "
+                             f"(bench records state theirs): {', '.join(MODEL_PRESETS)}")
     parser.add_argument("--source-seq-len", type=int, default=32,
                         help="sequence length (tokens) of the files without a max_len field")
     parser.add_argument("--source-plan", default="exact",
                         help="operator plan of the files without a plan field")
+    parser.add_argument("--plan", default=None,
+                        help="operator plan to fit and project, e.g. exact or friendly; needed "
+                             "when the inputs contain several plans (a bench record usually "
+                             "does)")
     parser.add_argument("--source-machine",
-                        help="description of the machine that measured the files")
+                        help="description of the machine that measured the cost files and "
+                             "demo reports (bench records state theirs)")
 
     parser.add_argument("--model", default="bert-base",
                         help=f"target model: {', '.join(MODEL_PRESETS)} or custom")
@@ -950,8 +1226,13 @@ def cmd_estimate(args) -> int:
     else:
         network = network_preset(args.network)
     source = model_preset(args.source_model)
-    measurements = [load_measurement(path, source, args.source_seq_len, args.source_plan,
-                                     args.source_machine) for path in args.measured]
+    measurements = [
+        measurement
+        for path in args.measured
+        for measurement in load_measurements(path, source, args.source_seq_len, args.source_plan,
+                                             args.source_machine)
+    ]
+    measurements = select_plan(measurements, args.plan)
     estimate = build_estimate(measurements, target, args.seq_len, network)
     written = write_report(estimate, args.out, args.lang)
     row = estimate.row(estimate.chosen)

@@ -29,7 +29,7 @@ class Operator(ABC):
     def cheetah_cost(cls, path: Path | None = None) -> dict:
         """Look up this operator's cost under CHEETAH, measured by the operator benchmark.
 
-        Returns the entry of ``benchmarks/results/operator-costs.json`` (or ``path``):
+        Returns the entry of ``cipherprompt/ops/operator-costs.json`` (or ``path``):
         ``per_element`` and ``fixed`` costs (seconds, bytes_sent, bytes_received, bytes,
         messages) fitted on two input sizes, the runs behind them and the input range used.
         Raises FileNotFoundError or KeyError naming the benchmark command when it is missing.
