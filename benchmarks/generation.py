@@ -58,12 +58,41 @@ def _run_generate(address: str, mode: str, args, work_dir: Path) -> dict:
                            f"{result.stderr[-3000:]}")
     report = json.loads(report_path.read_text())
     report["client_wall_seconds"] = time.monotonic() - started
-    # The generated text stays out of the file; only whether the two modes agree goes in.
-    report["_text"] = result.stdout.strip()
+    # The streamed continuation without the prompt. The file stores it next to the plaintext
+    # greedy continuation of the same weights, because the benchmark's prompt is public.
+    report["_text"] = result.stdout.rstrip("\n")
     for line in result.stderr.splitlines():
         if line.startswith(("prompt (", "per token")):
             print(f"{mode}: {line}", file=sys.stderr)
     return report
+
+
+def plaintext_continuation(args, model: Path, model_option: str) -> dict:
+    """Generate greedily in float32 plaintext from the same weights, plan and prompt."""
+    from cipherprompt.llama_tokenizer import LlamaTokenizer
+    from cipherprompt.models.llama import generate_greedy
+    from cipherprompt.secure.decoder_server import DecoderSource, load_decoder
+
+    source = (DecoderSource(checkpoint=model, num_layers=args.num_layers)
+              if model_option == "--checkpoint"
+              else DecoderSource(gguf=model, num_layers=args.num_layers))
+    decoder = load_decoder(source)
+    tokenizer = LlamaTokenizer(args.tokenizer or (model if model_option == "--gguf" else None)
+                               or _packaged_gguf())
+    text = args.prompt if args.no_chat else tokenizer.apply_chat_template(args.prompt)
+    ids = tokenizer.encode(text)
+    new_ids = generate_greedy(decoder.params, decoder.config, decoder.plan, ids,
+                              args.max_new_tokens)
+    if tokenizer.eos_id in new_ids:
+        new_ids = new_ids[: new_ids.index(tokenizer.eos_id)]
+    return {"plan": decoder.plan.name, "token_ids": new_ids,
+            "text": tokenizer.decode(new_ids, skip_special_tokens=True)}
+
+
+def _packaged_gguf() -> Path:
+    from cipherprompt.assets import asset_path
+
+    return asset_path("smollm2_gguf")
 
 
 def measure_two_party(args) -> dict:
@@ -90,6 +119,13 @@ def measure_two_party(args) -> dict:
         server_peak = peak_memory_kib(server.process.pid)
 
     texts = {mode: report.pop("_text") for mode, report in reports.items()}
+    plaintext = plaintext_continuation(args, model, model_option)
+    for mode, report in reports.items():
+        report["continuation"] = texts[mode]
+        # The cache mode must produce the plaintext greedy text. The recompute mode may stop
+        # earlier (--recompute-tokens), so it must produce the text's beginning.
+        report["matches_plaintext"] = plaintext["text"].startswith(texts[mode]) and (
+            mode != "cache" or texts[mode] == plaintext["text"])
     result = {
         "what": "private generation, key/value cache against recomputing the prefix",
         "command": " ".join(sys.argv),
@@ -99,6 +135,7 @@ def measure_two_party(args) -> dict:
                    "max_new_tokens": args.max_new_tokens, "protocol": args.protocol,
                    "num_layers": args.num_layers, "process_peak_kib": server_peak},
         "modes": reports,
+        "plaintext": plaintext,
         # Whether the shorter text is the start of the longer one, when the modes' token
         # counts differ (--recompute-tokens).
         "same_text": all(max(texts.values(), key=len).startswith(text)
