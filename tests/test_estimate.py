@@ -559,7 +559,8 @@ def test_committed_bench_records_load():
 
     minilm = load_all(results / "minilm-32-loopback.json")
     assert [(m.plan, m.configuration, m.includes_setup) for m in minilm] == [
-        ("exact", ("minilm-l6", 32), True), ("friendly", ("minilm-l6", 32), True)]
+        ("exact", ("minilm-l6", 32), True), ("friendly", ("minilm-l6", 32), True),
+        ("reference", ("minilm-l6", 32), True)]
     assert set(minilm[0].stages) == {"embedding", "layer", "head"}
 
     checks = est.self_check(est.select_plan([*small, *minilm], "exact"))
