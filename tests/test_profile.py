@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -117,6 +118,19 @@ def test_interrupted_write_leaves_no_file(tmp_path):
 
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_written_file_follows_umask(tmp_path):
+    target = tmp_path / "report.json"
+    previous = os.umask(0o022)
+    try:
+        write_atomically(target, lambda temporary: temporary.write_text("{}"))
+    finally:
+        os.umask(previous)
+
+    assert target.read_text() == "{}"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert list(tmp_path.iterdir()) == [target]
 
 
 def test_profile_rows_sum_to_total(profiled):
