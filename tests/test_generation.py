@@ -159,6 +159,9 @@ def test_hide_length_runs_all_steps(server, tiny_decoder, tmp_path):
     _, params = tiny_decoder
     ids = list(PROMPT.encode())
     expected = generate_greedy(params, CONFIG, PLAN, ids, 2)
+    # The steps that hide_length runs after the end-of-sequence token feed the model's own
+    # choices back, so their logits follow the plaintext continuation.
+    continued = generate_greedy(params, CONFIG, PLAN, ids, 4)
     with PrivateGenerator(server.address, work_dir=tmp_path) as client:
         # The random model never chooses the byte tokenizer's end id, so its second choice
         # becomes the end-of-sequence token.
@@ -166,6 +169,14 @@ def test_hide_length_runs_all_steps(server, tiny_decoder, tmp_path):
         stopped = client.generate(ids, 4)
         hidden = client.generate(ids, 4, hide_length=True)
 
+    # The logits come before the tokens, so that a failure names the wrong run and its error.
+    # Mismatched shares reconstruct to values far beyond this model's logits of about +-5.
+    for name, generation in (("stopped", stopped), ("hidden", hidden)):
+        for count, logits in enumerate(generation.logits):
+            reference = plaintext_logits(params, ids + continued[:count])
+            error = np.abs(logits - reference).max()
+            assert error < LOGIT_BOUND, (f"{name} run {count}: logit error {error:.2e}, "
+                                         f"largest |logit| {np.abs(logits).max():.2e}")
     assert stopped.token_ids == expected
     assert stopped.stop_reason == "eos"
     assert len(stopped.runs) == 2
