@@ -19,8 +19,9 @@ What the differences between the three measure:
   above the ring's range), plus SPU's own approximations of exp, tanh, reciprocal and rsqrt.
   REF2K truncates products exactly and has no cryptography.
 - REF2K to CHEETAH: the error that the two-party protocol adds to the same arithmetic. Its
-  truncation of secret shares may be off in the last bit, ``mul_lsb_error`` allows a last-bit
-  error in products, and any other CHEETAH kernel that differs from REF2K's adds its own.
+  truncation of secret shares may be off in the last bit, products may be off in the last bit
+  when ``mul_lsb_error`` is on (it is off by default), and any other CHEETAH kernel that
+  differs from REF2K's adds its own.
 
 jax, SPU and the models are imported inside the functions that use them, so that building the
 command-line parser stays fast and the CLI can set ``JAX_PLATFORMS`` before jax is loaded.
@@ -74,7 +75,7 @@ ERROR_TERMS = {
     "ref2k_vs_cheetah": (
         "the CHEETAH protocol's own error on the same arithmetic: truncation of secret shares "
         "that may be off in the last bit, the last-bit product error that mul_lsb_error "
-        "allows, and any other protocol kernel that differs from REF2K's"
+        "allows when it is on, and any other protocol kernel that differs from REF2K's"
     ),
     "float_vs_cheetah": "both of the above together",
 }
