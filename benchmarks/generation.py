@@ -230,12 +230,18 @@ def main() -> int:
     parser.add_argument("--no-chat", action="store_true", help="leave out the chat template")
     parser.add_argument("--modes", default="cache,recompute",
                         help="comma-separated: cache, recompute (default: %(default)s)")
-    parser.add_argument("--protocol", default="CHEETAH", choices=["CHEETAH", "REF2K"])
+    parser.add_argument("--protocol", default="CHEETAH", choices=["CHEETAH", "SEMI2K", "REF2K"],
+                        help="SPU protocol of the two-party run; REF2K works only in one "
+                             "process and needs --reference-layers (default: %(default)s)")
     parser.add_argument("--reference-layers", type=int, default=None,
                         help="check REF2K precision on the first N layers in this process "
                              "instead of a two-party run")
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
     args = parser.parse_args()
+    if args.protocol == "REF2K" and args.reference_layers is None:
+        # Between two processes each REF2K party computes on its own inputs only.
+        parser.error("--protocol REF2K works only in one process. Add --reference-layers N, "
+                     "or choose CHEETAH or SEMI2K for the two-party run")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     if args.reference_layers is not None:

@@ -243,6 +243,17 @@ def add_tls_options(sub, certificate_help: str | None) -> None:
                          help="PEM private key of --tls-cert")
 
 
+def _two_party_protocol(value: str) -> str:
+    """Return the --protocol value; raise ArgumentTypeError for REF2K or an unknown name."""
+    from cipherprompt.secure.engine import check_two_party_protocol
+
+    try:
+        check_two_party_protocol(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
 def add_server_options(serve, buckets_help: str) -> None:
     """Add the options that ``serve`` and ``serve-decoder`` share."""
     add_work_dir_option(serve)
@@ -266,8 +277,13 @@ def add_server_options(serve, buckets_help: str) -> None:
                             "(default: %(default)s)")
     serve.add_argument("--log-json", action="store_true",
                        help="write log lines as JSON objects, one per line")
-    serve.add_argument("--protocol", default="CHEETAH", choices=["CHEETAH", "SEMI2K", "REF2K"],
-                       help="SPU protocol; REF2K has no cryptography (default: %(default)s)")
+    serve.add_argument("--protocol", default="CHEETAH", type=_two_party_protocol,
+                       metavar="{CHEETAH,SEMI2K}",
+                       help="SPU protocol between server and client. SEMI2K makes this server "
+                            "SPU's trusted first party, which could recover the client's "
+                            "inputs, so it suits tests only. REF2K works only in one "
+                            "process, as in 'cipherprompt evaluate' and 'cipherprompt "
+                            "perplexity' (default: %(default)s)")
     add_tls_options(serve, "server")
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import subprocess
 import sys
+import threading
 
 import jax.numpy as jnp
 import numpy as np
@@ -35,10 +37,19 @@ from cipherprompt.secure.decoder import (
     prompt_inputs,
     step_inputs,
 )
+from cipherprompt.secure.decoder_server import DecoderServer, DecoderSource
 from cipherprompt.secure.engine import EngineConfig
 from cipherprompt.secure.generator import PrivateGenerator
 from cipherprompt.secure.launch import ServerProcess
-from cipherprompt.secure.wire import Message, free_port
+from cipherprompt.secure.server import ServerConfig
+from cipherprompt.secure.wire import (
+    PROTOCOL_VERSION,
+    Message,
+    PeerError,
+    free_port,
+    recv_message,
+    send_message,
+)
 from cipherprompt.tokenizer import EmptyTextError, TextTooLongError
 
 CONFIG = LlamaConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -49,7 +60,8 @@ MAX_NEW_TOKENS = 8
 # The plaintext top-two margin of its first 6 choices is at least 0.139 with these weights.
 PROMPT = "The cat sat"
 # Private logits against plaintext float32 logits of the same model. Measured with these weights
-# (scale 0.2, logits within about +-5): up to 0.008 under REF2K and 0.030 under CHEETAH, from
+# (scale 0.2, logits within about +-5): up to 0.008 under REF2K (in one process), 0.024 on the
+# prompt run under SEMI2K and 0.030 under CHEETAH, from
 # SPU's exp, reciprocal and rsqrt approximations and truncation at 18 fractional bits. A wrong
 # mask, slot or rotary position gives errors of order 1.
 LOGIT_BOUND = 0.06
@@ -125,6 +137,28 @@ def test_private_greedy_matches_plaintext(server, tiny_decoder, tmp_path):
     for run in generation.runs:
         assert run.cost.bytes_sent > 0
         assert run.server_peak_memory_kib > 0
+
+
+def test_semi2k_generation_matches_plaintext(tiny_decoder, tmp_path):
+    path, params = tiny_decoder
+    arguments = ("--buckets", "16", "--max-new-tokens", "4", "--protocol", "SEMI2K")
+    with ServerProcess(path, tmp_path / "server", extra_args=arguments, start_timeout_s=300,
+                       command="serve-decoder") as server:
+        with PrivateGenerator(server.address, work_dir=tmp_path / "client") as client:
+            prompt_ids = client.encode_prompt(PROMPT, chat=False)
+            generation = client.generate(prompt_ids, 3, stop_at_eos=False)
+            protocol = client.engine.protocol
+        server_log = server.log_path.read_text()
+
+    assert protocol == "SEMI2K"
+    expected = generate_greedy(params, CONFIG, PLAN, prompt_ids, 3)
+    for count, logits in enumerate(generation.logits):
+        reference = plaintext_logits(params, prompt_ids + expected[:count])
+        error = np.abs(logits - reference).max()
+        assert error < LOGIT_BOUND, (f"run {count}: logit error {error:.2e}, "
+                                     f"largest |logit| {np.abs(logits).max():.2e}")
+    assert generation.token_ids == expected
+    assert "protocol SEMI2K: this server is SPU's trusted first party" in server_log
 
 
 def test_cache_and_recompute_same_logits(server, tiny_decoder, tmp_path):
@@ -316,6 +350,70 @@ def test_serve_decoder_rejects_classifier_checkpoint(tmp_path):
 
     assert result.returncode == 2
     assert "contains a classifier, not a decoder" in result.stderr
+
+
+def test_serve_decoder_rejects_ref2k(tiny_decoder, tmp_path):
+    # Before the check, this server started and its clients got all-zero logits.
+    result = subprocess.run(
+        [sys.executable, "-m", "cipherprompt", "serve-decoder", "--checkpoint",
+         str(tiny_decoder[0]), "--protocol", "REF2K", "--port", str(free_port("127.0.0.1")),
+         "--work-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+
+    assert result.returncode == 2
+    assert ("argument --protocol: SPU protocol 'REF2K' does not work between a server and a "
+            "client process") in result.stderr
+    assert "Start the server with --protocol CHEETAH or SEMI2K" in result.stderr
+    assert "'python benchmarks/generation.py --reference-layers N'" in result.stderr
+
+
+def test_decoder_server_rejects_ref2k_engine(tiny_decoder, tmp_path):
+    source = DecoderSource(checkpoint=tiny_decoder[0])
+    config = ServerConfig(port=0, work_dir=tmp_path)
+    with pytest.raises(ValueError, match="SPU protocol 'REF2K' does not work between a server "
+                                         "and a client process"):
+        DecoderServer(source, config, EngineConfig(protocol="REF2K"))
+
+
+def _send_welcome(listener: socket.socket, welcome: dict, received: list) -> None:
+    """Accept one client, reply to its hello with ``welcome`` and store its next message."""
+    connection, _ = listener.accept()
+    with connection:
+        connection.settimeout(60)
+        recv_message(connection, "hello")
+        send_message(connection, "welcome", welcome)
+        try:
+            received.append(recv_message(connection))
+        except (PeerError, OSError) as error:
+            received.append(error)
+
+
+@pytest.mark.parametrize(("client_class", "task"), [(PrivateGenerator, "generate"),
+                                                     (PrivateClassifier, "classify")])
+def test_client_rejects_ref2k_server(client_class, task, tmp_path):
+    # A server from before the start-up check announces REF2K in its welcome.
+    welcome = {"protocol_version": PROTOCOL_VERSION, "task": task,
+               "tokenizer": tokenizer_spec("bytes", ""),
+               "engine": EngineConfig(protocol="REF2K").to_dict()}
+    received = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(60)
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        server = threading.Thread(target=_send_welcome, args=(listener, welcome, received))
+        server.start()
+        client = client_class(address, work_dir=tmp_path)
+        try:
+            with pytest.raises(HandshakeError, match="the server's engine cannot serve this "
+                                                     "client: SPU protocol 'REF2K' does not "
+                                                     "work between a server and a client"):
+                client.connect()
+        finally:
+            server.join(timeout=60)
+
+    assert len(received) == 1
+    assert isinstance(received[0], PeerError)
+    assert str(received[0]).startswith("the client rejected the session: the server's engine")
 
 
 # -- one process: the fixed-point reference and the server's request checks ------------------

@@ -232,6 +232,35 @@ def test_serve_rejects_unreadable_checkpoint(tmp_path):
     assert f"checkpoint {path} is unreadable" in result.stderr
 
 
+def test_serve_rejects_ref2k(tiny, tmp_path):
+    # Before the check, this server started and classified every text with the same logits.
+    result = _serve("--checkpoint", str(tiny[0]), "--work-dir", str(tmp_path), "--protocol",
+                    "REF2K", timeout=120)
+    assert result.returncode == 2
+    assert ("argument --protocol: SPU protocol 'REF2K' does not work between a server and a "
+            "client process") in result.stderr
+    assert "Start the server with --protocol CHEETAH or SEMI2K" in result.stderr
+    assert "'cipherprompt evaluate' for a classifier checkpoint" in result.stderr
+
+
+def test_semi2k_logits_match_plaintext(tiny, tmp_path):
+    path, params, config, plan = tiny
+    arguments = ("--buckets", "16", "--protocol", "SEMI2K")
+    texts = (SHORT_TEXT, "dull and boring")
+    with ServerProcess(path, tmp_path / "server", extra_args=arguments,
+                       start_timeout_s=300) as server:
+        with PrivateClassifier(server.address, work_dir=tmp_path / "client") as client:
+            predictions = [client.classify(text) for text in texts]
+            protocol = client.engine.protocol
+
+    assert protocol == "SEMI2K"
+    tokenizer = WordPieceTokenizer()
+    for text, prediction in zip(texts, predictions):
+        expected = plaintext_logits(params, config, plan, tokenizer, text, 16)
+        error = np.abs(prediction.logits - expected).max()
+        assert error < LOGIT_BOUND, f"{text!r}: logit error {error:.2e}"
+
+
 @pytest.mark.parametrize("arguments, message", [
     (("--buckets", "16,abc"), "invalid bucket list '16,abc'"),
     (("--buckets", "16,100"), "length bucket 100 is outside 3..64"),

@@ -30,6 +30,7 @@ from cipherprompt.secure.engine import (
     SERVER_RANK,
     CompiledModel,
     EngineConfig,
+    check_two_party_protocol,
     compile_classifier,
     named_weights,
 )
@@ -270,6 +271,13 @@ class PrivateSession:
         if served != self.task:
             return [f"task differs: this client requests {self.task!r}, the server serves "
                     f"{served!r}; use 'cipherprompt {served}' with this server"]
+        # A server from before this check may still run REF2K, whose outputs would be wrong.
+        engine = welcome.get("engine")
+        protocol = engine.get("protocol") if isinstance(engine, dict) else None
+        try:
+            check_two_party_protocol(protocol)
+        except ValueError as error:
+            return [f"the server's engine cannot serve this client: {error}"]
         mismatches = check_pins(welcome, self.pins, "client", "server")
         tokenizer_sha = self._tokenizer_sha256()
         if welcome.get("tokenizer_sha256") != tokenizer_sha:

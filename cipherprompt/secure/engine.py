@@ -42,6 +42,30 @@ PROTOCOLS = {
 }
 FIELDS = {"FM64": libspu.FieldType.FM64, "FM128": libspu.FieldType.FM128}
 
+# Protocols that give correct outputs when the server and the client run in separate processes.
+# REF2K is missing because in spu 0.9.5 each REF2K party stores the plaintext that it infeeds as
+# its whole share, and REF2K's operations on secrets send no messages to the peer. So the server
+# computes on zero placeholders of the client's inputs, and the client reconstructs that result.
+TWO_PARTY_PROTOCOLS = ("CHEETAH", "SEMI2K")
+
+
+def check_two_party_protocol(protocol: str) -> None:
+    """Raise ValueError unless ``protocol`` gives correct outputs between two processes."""
+    if protocol in TWO_PARTY_PROTOCOLS:
+        return
+    if protocol == "REF2K":
+        raise ValueError(
+            "SPU protocol 'REF2K' does not work between a server and a client process. Each "
+            "REF2K party computes on its own plaintext inputs only, so the client would get "
+            "logits computed without its text (all zeros for a decoder). Start the server "
+            "with --protocol CHEETAH or SEMI2K. Run the REF2K fixed-point reference in one "
+            "process instead: 'cipherprompt evaluate' for a classifier checkpoint, "
+            "'cipherprompt perplexity' for a decoder checkpoint, or 'python "
+            "benchmarks/generation.py --reference-layers N' for a GGUF decoder"
+        )
+    raise ValueError(f"invalid protocol {protocol!r} for a server and a client; valid choices: "
+                     f"{', '.join(TWO_PARTY_PROTOCOLS)}")
+
 
 @dataclass(frozen=True)
 class EngineConfig:

@@ -19,6 +19,7 @@ from cipherprompt.secure.engine import (
     SERVER_RANK,
     CompiledModel,
     EngineConfig,
+    check_two_party_protocol,
     make_io,
     runtime_config,
 )
@@ -77,6 +78,7 @@ class SecureParty:
                  on_linked: Callable[[], None] | None = None):
         if rank not in (SERVER_RANK, CLIENT_RANK):
             raise ValueError(f"rank must be {SERVER_RANK} (server) or {CLIENT_RANK} (client)")
+        check_two_party_protocol(engine.protocol)
         self.rank = rank
         self.engine = engine
         self.profile = ProfileReader(route_spu_log(spu_log))

@@ -33,7 +33,12 @@ import numpy as np
 from cipherprompt.assets import asset_path, sha256_of
 from cipherprompt.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from cipherprompt.models.bert import BertConfig, init_params
-from cipherprompt.secure.engine import EngineConfig, compile_classifier, named_weights
+from cipherprompt.secure.engine import (
+    EngineConfig,
+    check_two_party_protocol,
+    compile_classifier,
+    named_weights,
+)
 from cipherprompt.secure.handshake import (
     READY_FIELDS,
     check_pins,
@@ -248,6 +253,12 @@ class ModelServer:
 
     def __init__(self, checkpoint_path: Path, config: ServerConfig, engine: EngineConfig,
                  max_len: int | None = None):
+        # Check the protocol first, so that its error does not wait for the model's compilation.
+        check_two_party_protocol(engine.protocol)
+        if engine.protocol == "SEMI2K":
+            log.warning("protocol SEMI2K: this server is SPU's trusted first party, which "
+                        "can compute every Beaver triple, so it could recover the clients' "
+                        "inputs. Serve with --protocol CHEETAH to keep them private")
         self.config = config
         self.engine = engine
         # TLS files first: their errors should not wait for the checkpoint and the compilation.
