@@ -10,8 +10,8 @@ of the same program stayed correct.
 The benchmark runs exp on 16384 elements drawn from [-16, 0] between a server process and a
 client process on 127.0.0.1, the given number of times per setting. Each multiplication inside
 exp covers two product batches. It compares each output with float64 exp. A run is bad when any element is off by more than `--tolerance`; for each bad run it
-records which 8192-element batches were bad. One JSON file holds both settings, the machine
-and the command.
+records which 8192-element batches were bad. One JSON file contains both settings, the
+machine and the command.
 
 Example (about 35 minutes on 2 quiet cores):
 

@@ -98,6 +98,16 @@ def server(tiny_decoder, tmp_path_factory):
         yield process
 
 
+def assert_logits_follow(generation, params, sequence: list[int], prompt_len: int,
+                         name: str) -> None:
+    """Assert that run k's logits match plaintext on the first prompt_len + k ids of sequence."""
+    for count, logits in enumerate(generation.logits):
+        reference = plaintext_logits(params, sequence[:prompt_len + count])
+        error = np.abs(logits - reference).max()
+        assert error < LOGIT_BOUND, (f"{name} run {count}: logit error {error:.2e}, "
+                                     f"largest |logit| {np.abs(logits).max():.2e}")
+
+
 def plaintext_logits(params, ids: list[int]) -> np.ndarray:
     """Return the float32 logits of the last position after ``ids``, without padding."""
     logits, _ = forward(params, CONFIG, PLAN, jnp.asarray([ids]))
@@ -152,11 +162,7 @@ def test_semi2k_generation_matches_plaintext(tiny_decoder, tmp_path):
 
     assert protocol == "SEMI2K"
     expected = generate_greedy(params, CONFIG, PLAN, prompt_ids, 3)
-    for count, logits in enumerate(generation.logits):
-        reference = plaintext_logits(params, prompt_ids + expected[:count])
-        error = np.abs(logits - reference).max()
-        assert error < LOGIT_BOUND, (f"run {count}: logit error {error:.2e}, "
-                                     f"largest |logit| {np.abs(logits).max():.2e}")
+    assert_logits_follow(generation, params, prompt_ids + expected, len(prompt_ids), "semi2k")
     assert generation.token_ids == expected
     assert "protocol SEMI2K: this server is SPU's trusted first party" in server_log
 
@@ -206,11 +212,7 @@ def test_hide_length_runs_all_steps(server, tiny_decoder, tmp_path):
     # The logits come before the tokens, so that a failure names the wrong run and its error.
     # Mismatched shares reconstruct to values far beyond this model's logits of about +-5.
     for name, generation in (("stopped", stopped), ("hidden", hidden)):
-        for count, logits in enumerate(generation.logits):
-            reference = plaintext_logits(params, ids + continued[:count])
-            error = np.abs(logits - reference).max()
-            assert error < LOGIT_BOUND, (f"{name} run {count}: logit error {error:.2e}, "
-                                         f"largest |logit| {np.abs(logits).max():.2e}")
+        assert_logits_follow(generation, params, ids + continued, len(ids), name)
     assert stopped.token_ids == expected
     assert stopped.stop_reason == "eos"
     assert len(stopped.runs) == 2
