@@ -107,6 +107,9 @@ class BenchConfig:
     session_timeout_s: float = 4 * 3600.0
     seed: int = 0
     command: str = ""
+    # SPU settings as EngineConfig fields; None takes today's defaults. --reproduce sets the
+    # record's, so that a record made under other defaults moves the same bytes again.
+    engine: dict | None = None
 
     def __post_init__(self) -> None:
         if self.model not in MODEL_PRESETS:
@@ -580,7 +583,7 @@ def run_bench(config: BenchConfig) -> dict:
         "max_len": max_len,
         "queries": config.queries,
         "inputs": _write_inputs(config, model_config, max_len, inputs_path),
-        "engine": EngineConfig().to_dict(),
+        "engine": config.engine or EngineConfig().to_dict(),
         "machine": machine_facts(),
     }
     load_start = list(os.getloadavg())
@@ -818,7 +821,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="seconds one plan's session may take in all (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of random weights and random token ids (default: 0)")
-    parser.set_defaults(handler=cmd_bench)
+
+    # Reproducing a record.
+    parser.add_argument("--reproduce", type=Path, default=None, metavar="RECORD",
+                        help="run the command of a bench record (e.g. benchmarks/results/"
+                             "small-h128-l1-32-wan.json) again under its engine settings and "
+                             "compare: exit status 1 when bytes or messages per query differ "
+                             "by more than --tolerance; takes what runs from the record")
+    parser.add_argument("--tolerance", type=float, default=0.05,
+                        help="with --reproduce: largest relative difference of bytes and "
+                             "messages per query that counts as reproduced (default: "
+                             "%(default)s)")
+    parser.set_defaults(handler=cmd_bench, bench_parser=parser)
     return parser
 
 
@@ -864,6 +878,10 @@ def _exit_on_signal(signum, frame) -> None:
 def cmd_bench(args) -> int:
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _exit_on_signal)
+    if args.reproduce is not None:
+        from cipherprompt.bench.reproduce import reproduce
+
+        return reproduce(args, args.bench_parser)
     record = run_bench(config_from_args(args))
     print(format_report(record), end="")
     print(f"record: {record['out']}")
