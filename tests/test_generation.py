@@ -59,12 +59,13 @@ BUCKETS = (16, 32)
 MAX_NEW_TOKENS = 8
 # The plaintext top-two margin of its first 6 choices is at least 0.139 with these weights.
 PROMPT = "The cat sat"
-# Private logits against plaintext float32 logits of the same model. Measured with these weights
-# (scale 0.2, logits within about +-5): up to 0.008 under REF2K (in one process), 0.024 on the
-# prompt run under SEMI2K and 0.030 under CHEETAH, from
-# SPU's exp, reciprocal and rsqrt approximations and truncation at 18 fractional bits. A wrong
-# mask, slot or rotary position gives errors of order 1.
-LOGIT_BOUND = 0.06
+# Private logits against plaintext float32 logits of the same model, with these weights (scale
+# 0.2, logits within about +-6). Fixed point alone (REF2K in one process, prompt and 5 steps of
+# PROMPT) gives 0.018 to 0.035, from SPU's exp, reciprocal and rsqrt approximations and
+# truncation at 18 fractional bits. CHEETAH adds its truncation errors: over 9 runs of
+# test_hide_length_runs_all_steps the largest error was 0.068, on the fourth run each time
+# (0.045 to 0.068). A wrong mask, slot or rotary position gives errors of order 1.
+LOGIT_BOUND = 0.1
 
 # A client process for the fault test: one session, generations until killed. Prints "token"
 # after each new token.
@@ -139,11 +140,11 @@ def test_private_greedy_matches_plaintext(server, tiny_decoder, tmp_path):
     assert [run.position for run in generation.runs[1:]] == [16, 17, 18, 19, 20]
     for count, logits in enumerate(generation.logits):
         reference = plaintext_logits(params, prompt_ids + expected[:count])
-        # Otherwise an error within the bound could flip the choice, and the test would not
-        # show that the private tokens follow the model.
-        assert top_two_margin(reference) > 2 * LOGIT_BOUND, f"run {count}: choose another prompt"
         error = np.abs(logits - reference).max()
         assert error < LOGIT_BOUND, f"run {count}: logit error {error:.2e}"
+        # Otherwise this run's error could flip the choice, and the test would not show that
+        # the private tokens follow the model.
+        assert top_two_margin(reference) > 2 * error, f"run {count}: choose another prompt"
     for run in generation.runs:
         assert run.cost.bytes_sent > 0
         assert run.server_peak_memory_kib > 0
