@@ -95,7 +95,8 @@ def run_demo(config: DemoConfig) -> int:
     print(format_cost_table(private.cost))
     write_json(config.work_dir / "demo-report.json", {
         "command": "cipherprompt demo", "checkpoint": str(checkpoint_path),
-        "plan": checkpoint.plan.name, "max_len": checkpoint.max_len, "queries": rows,
+        "plan": checkpoint.plan.name, "max_len": checkpoint.max_len,
+        "engine": client.engine.to_dict(), "queries": rows,
     })
     agreed = sum(row["private_label"] == row["plaintext_label"] for row in rows)
     print(f"\n{agreed}/{len(rows)} private predictions equal the plaintext prediction; "

@@ -590,3 +590,37 @@ def test_example_pages_are_generated():
         assert committed == est.render_markdown(estimate, lang, "estimate.png"), (
             f"docs/estimate-example/{page} is out of date; rerun the command in "
             "docs/estimate.md")
+
+
+LSB_ON = {"protocol": "CHEETAH", "field": "FM64", "fraction_bits": 18, "mul_lsb_error": True,
+          "optimize_denominator": True}
+
+
+def test_mixed_engine_settings_rejected(tmp_path):
+    on = bench_record(SMALL_CONFIG, 32, {"exact": small_queries(32, 2)})
+    on["engine"] = LSB_ON
+    off = bench_record(SMALL_CONFIG, 64, {"exact": small_queries(64, 2)})
+    off["engine"] = {**LSB_ON, "mul_lsb_error": False}
+    whole = load(write_cost(tmp_path / "minilm.json", synthetic_cost(MINILM, 32)))
+    measurements = [whole, *load_all(write_cost(tmp_path / "on.json", on)),
+                    *load_all(write_cost(tmp_path / "off.json", off))]
+    with pytest.raises(ValueError, match="different SPU settings") as error:
+        est.build_estimate(measurements, est.MODEL_PRESETS["bert-base"], 128,
+                           est.NETWORK_PRESETS["wan"])
+    assert "in on.json" in str(error.value)
+    assert "in off.json" in str(error.value)
+
+
+def test_engine_settings_on_page(tmp_path):
+    record = bench_record(SMALL_CONFIG, 64, {"exact": small_queries(64, 2)})
+    record["engine"] = LSB_ON
+    whole = load(write_cost(tmp_path / "minilm.json", synthetic_cost(MINILM, 32)))
+    small = load_all(write_cost(tmp_path / "small.json", record))
+    estimate = est.build_estimate([whole, *small], est.MODEL_PRESETS["bert-base"], 128,
+                                  est.NETWORK_PRESETS["wan"])
+    page = est.render_markdown(estimate, "en", "estimate.png")
+    assert "SPU settings of the measurements: field FM64, fraction_bits 18, mul_lsb_error True" in page
+    assert "1 of 2 measurements do not record them." in page
+    assert "the traffic of a query under the default is higher than projected here" in page
+    assert "`mul_lsb_error` が有効な計測" in est.render_markdown(estimate, "ja", "estimate.png")
+    assert est.Estimate.to_dict(estimate)["sources"][1]["engine"] == LSB_ON

@@ -371,6 +371,8 @@ class Measurement:
     includes_setup: bool = False
     # A bench record's "machine" and "load_average" objects, described in the page's language.
     machine_record: tuple[object, object] | None = None
+    # SPU settings (EngineConfig fields) that the file records. None for a file without them.
+    engine: dict | None = None
 
     def describe_machine(self, lang: str) -> str:
         if self.machine_record is None:
@@ -586,7 +588,7 @@ def _bench_measurements(path: Path, data: dict) -> list[Measurement]:
                 path, query_where, _query_stages(query, query_where), shape, seq, plan, machine,
                 layers_hint="the record's model.run_layers disagrees with its stages",
                 query=(number, len(queries)), includes_setup=number == 1,
-                machine_record=machine_record))
+                machine_record=machine_record, engine=_engine(data, where)))
     return measurements
 
 
@@ -605,8 +607,40 @@ def _demo_measurements(path: Path, data: dict, shape: ModelShape, seq: int, plan
         cost = query.get("cost") if isinstance(query, dict) else None
         measurements.append(_measurement(
             path, query_where, _query_stages(cost, query_where), shape, seq, plan, machine,
-            query=(number, len(data["queries"])), includes_setup=number == 1))
+            query=(number, len(data["queries"])), includes_setup=number == 1,
+            engine=_engine(data, where)))
     return measurements
+
+
+def _engine(data: dict, where: str) -> dict | None:
+    """Return the SPU settings a record states, or None for a record without them."""
+    engine = data.get("engine")
+    if engine is None or isinstance(engine, dict):
+        return engine
+    raise ValueError(f"{where}: 'engine' must be an object of SPU settings, got {engine!r}")
+
+
+def check_engines(measurements: list[Measurement]) -> None:
+    """Raise ValueError when the measurements state different SPU settings.
+
+    Unit costs fitted over different settings (``mul_lsb_error`` changes the bytes of every
+    product of two secrets) would describe neither. Files that state no settings pass.
+    """
+    groups: dict[str, set[str]] = {}
+    for measurement in measurements:
+        if measurement.engine is not None:
+            key = json.dumps(measurement.engine, sort_keys=True)
+            groups.setdefault(key, set()).add(measurement.path.name)
+    if len(groups) > 1:
+        described = "; ".join(f"{key} in {', '.join(sorted(names))}"
+                              for key, names in groups.items())
+        raise ValueError(f"the measurements were made with different SPU settings: {described}; "
+                         "pass files measured with the same settings")
+
+
+def engine_summary(measurements: list[Measurement]) -> dict | None:
+    """Return the one engine the measurements state (check_engines ran), or None."""
+    return next((m.engine for m in measurements if m.engine is not None), None)
 
 
 def load_measurements(path: Path, shape: ModelShape, seq: int, plan: str,
@@ -882,6 +916,12 @@ TEXT = {
         "estimate_note": "All figures are estimates projected from the measurements below.",
         "as_measured": "as measured",
         "machine_unknown": "not recorded in the file (pass --source-machine)",
+        "engine": "SPU settings of the measurements: {engine}.",
+        "engine_unknown": "not recorded in the files",
+        "engine_partly": " {missing} of {total} measurements do not record them.",
+        "lsb_note": " With `mul_lsb_error` on, products of two secrets move fewer bytes than "
+                    "with today's default (off), so the traffic of a query under the default "
+                    "is higher than projected here.",
     },
     "ja": {
         "title": "コスト見積もり: CHEETAH による秘匿推論 (SPU 0.9.5)",
@@ -917,6 +957,12 @@ TEXT = {
         "estimate_note": "数値はすべて下記の計測から外挿した見積もり。",
         "as_measured": "計測どおり",
         "machine_unknown": "ファイルに記録なし (--source-machine で指定)",
+        "engine": "計測時の SPU 設定: {engine}。",
+        "engine_unknown": "ファイルに記録なし",
+        "engine_partly": " {total} 件中 {missing} 件の計測には記録がない。",
+        "lsb_note": " `mul_lsb_error` が有効な計測では、秘密値どうしの積の通信量が現在の既定 "
+                    "(無効) より少ない。そのため既定の設定でのクエリの通信量は、ここでの見積もりより"
+                    "多くなる。",
     },
 }
 
@@ -975,7 +1021,7 @@ class Estimate:
             "sources": [
                 {"path": str(m.path), "query": list(m.query) if m.query else None,
                  "model": m.shape.name, "seq_len": m.seq, "plan": m.plan, "machine": m.machine,
-                 "includes_setup": m.includes_setup}
+                 "includes_setup": m.includes_setup, "engine": m.engine}
                 for m in self.measurements
             ],
             "assumptions": list(ASSUMPTIONS["en"]),
@@ -1052,6 +1098,16 @@ def render_markdown(estimate: Estimate, lang: str, chart_name: str) -> str:
         lines.append(f"{number}. {assumption}")
 
     lines += ["", text["sources"], ""]
+    engine = engine_summary(estimate.measurements)
+    missing = sum(m.engine is None for m in estimate.measurements)
+    described = (text["engine_unknown"] if engine is None else
+                 ", ".join(f"{key} {value}" for key, value in sorted(engine.items())))
+    line = text["engine"].format(engine=described)
+    if engine is not None and missing:
+        line += text["engine_partly"].format(missing=missing, total=len(estimate.measurements))
+    if engine is not None and engine.get("mul_lsb_error"):
+        line += text["lsb_note"]
+    lines += [line, ""]
     for measurement in estimate.measurements:
         query = "" if measurement.query is None else text["query_of"].format(
             number=measurement.query[0], total=measurement.query[1])
@@ -1119,6 +1175,7 @@ def build_estimate(measurements: list[Measurement], target: ModelShape, seq: int
     if len(plans) > 1:
         raise ValueError(f"measurements mix operator plans {sorted(plans)}; fit one plan at a "
                          "time")
+    check_engines(measurements)
     units = fit_unit_costs(measurements)
     missing = [kind for kind in STAGE_KINDS if kind not in units.stage_kinds]
     if missing:
