@@ -576,8 +576,8 @@ def test_example_pages_are_generated():
                "shared with other jobs")
     measurements = [
         measurement
-        for name in ("minilm-exact-32-demo.json", "small-h128-l1-32-loopback.json",
-                     "small-h128-l1-64-loopback.json")
+        for name in ("minilm-exact-32-demo.json", "mul-lsb-error-on/small-h128-l1-32-loopback.json",
+                     "mul-lsb-error-on/small-h128-l1-64-loopback.json")
         for measurement in est.load_measurements(results / name, MINILM, 32, "exact", machine)
     ]
     estimate = est.build_estimate(est.select_plan(measurements, "exact"),
