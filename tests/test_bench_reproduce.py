@@ -122,6 +122,14 @@ def test_reproduce_needs_recorded_weights(tmp_path, monkeypatch, sessions, capsy
         capsys.readouterr().err)
 
 
+def test_reproduce_rejects_reproduction_record(tmp_path, monkeypatch, sessions, capsys):
+    path, record = _make_record(tmp_path, monkeypatch)
+    record["command"] = f"cipherprompt bench --reproduce {path} (runs: {record['command']})"
+    path.write_text(json.dumps(record))
+    assert _reproduce(tmp_path, path) == 2
+    assert "made by --reproduce; reproduce the record it names" in capsys.readouterr().err
+
+
 def test_load_record_errors(tmp_path):
     with pytest.raises(ReproduceError, match="does not exist"):
         load_record(tmp_path / "none.json")

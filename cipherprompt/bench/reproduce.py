@@ -49,14 +49,14 @@ def load_record(path: Path) -> dict:
 def recorded_arguments(record: dict, parser: argparse.ArgumentParser) -> argparse.Namespace:
     """Parse the record's command line with the bench parser (without --out and --work-dir)."""
     words = shlex.split(record["command"])[2:]
+    if "--reproduce" in words:
+        raise ReproduceError("the record was itself made by --reproduce; reproduce the record "
+                             "it names instead")
     try:
         args = parser.parse_args(words)
     except SystemExit:
         raise ReproduceError("the record's command line is not valid for this version of "
                              f"cipherprompt bench: {record['command']}") from None
-    if getattr(args, "reproduce", None) is not None:
-        raise ReproduceError("the record was itself made by --reproduce; reproduce the record "
-                             "it names instead")
     return args
 
 
