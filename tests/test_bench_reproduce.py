@@ -118,7 +118,7 @@ def test_reproduce_needs_recorded_weights(tmp_path, monkeypatch, sessions, capsy
     record["command"] += " --checkpoint exact=missing/teacher.npz"
     path.write_text(json.dumps(record))
     assert _reproduce(tmp_path, path) == 2
-    assert "ran checkpoint missing/teacher.npz, which does not exist here" in (
+    assert "ran checkpoint missing/teacher.npz, which is not found here" in (
         capsys.readouterr().err)
 
 
@@ -131,7 +131,7 @@ def test_reproduce_rejects_reproduction_record(tmp_path, monkeypatch, sessions, 
 
 
 def test_load_record_errors(tmp_path):
-    with pytest.raises(ReproduceError, match="does not exist"):
+    with pytest.raises(ReproduceError, match="not found"):
         load_record(tmp_path / "none.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{")

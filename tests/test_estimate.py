@@ -619,8 +619,10 @@ def test_engine_settings_on_page(tmp_path):
     estimate = est.build_estimate([whole, *small], est.MODEL_PRESETS["bert-base"], 128,
                                   est.NETWORK_PRESETS["wan"])
     page = est.render_markdown(estimate, "en", "estimate.png")
-    assert "SPU settings of the measurements: field FM64, fraction_bits 18, mul_lsb_error True" in page
+    assert ("SPU settings of the measurements: field FM64, fraction_bits 18, "
+            "mul_lsb_error True") in page
     assert "1 of 2 measurements do not record them." in page
     assert "the traffic of a query under the default is higher than projected here" in page
-    assert "`mul_lsb_error` が有効な計測" in est.render_markdown(estimate, "ja", "estimate.png")
+    japanese = est.render_markdown(estimate, "ja", "estimate.png")
+    assert "`mul_lsb_error` が有効な計測" in japanese
     assert est.Estimate.to_dict(estimate)["sources"][1]["engine"] == LSB_ON

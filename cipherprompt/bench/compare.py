@@ -107,7 +107,7 @@ class BenchConfig:
     session_timeout_s: float = 4 * 3600.0
     seed: int = 0
     command: str = ""
-    # SPU settings as EngineConfig fields; None takes today's defaults. --reproduce sets the
+    # SPU settings as EngineConfig fields, or None for today's defaults. --reproduce sets the
     # record's, so that a record made under other defaults moves the same bytes again.
     engine: dict | None = None
 

@@ -576,6 +576,7 @@ def _bench_measurements(path: Path, data: dict) -> list[Measurement]:
             "loopback")
     machine_record = (data.get("machine"), data.get("load_average"))
     machine = describe_machine(*machine_record)
+    engine = _engine(data, where)
 
     measurements = []
     for plan, figures in data["plans"].items():
@@ -588,7 +589,7 @@ def _bench_measurements(path: Path, data: dict) -> list[Measurement]:
                 path, query_where, _query_stages(query, query_where), shape, seq, plan, machine,
                 layers_hint="the record's model.run_layers disagrees with its stages",
                 query=(number, len(queries)), includes_setup=number == 1,
-                machine_record=machine_record, engine=_engine(data, where)))
+                machine_record=machine_record, engine=engine))
     return measurements
 
 
@@ -601,6 +602,7 @@ def _demo_measurements(path: Path, data: dict, shape: ModelShape, seq: int, plan
         seq = data["max_len"]
     if isinstance(data.get("plan"), str):
         plan = data["plan"]
+    engine = _engine(data, where)
     measurements = []
     for number, query in _session_queries(data["queries"], where):
         query_where = f"{where}, query {number}"
@@ -608,7 +610,7 @@ def _demo_measurements(path: Path, data: dict, shape: ModelShape, seq: int, plan
         measurements.append(_measurement(
             path, query_where, _query_stages(cost, query_where), shape, seq, plan, machine,
             query=(number, len(data["queries"])), includes_setup=number == 1,
-            engine=_engine(data, where)))
+            engine=engine))
     return measurements
 
 
@@ -617,7 +619,8 @@ def _engine(data: dict, where: str) -> dict | None:
     engine = data.get("engine")
     if engine is None or isinstance(engine, dict):
         return engine
-    raise ValueError(f"{where}: 'engine' must be an object of SPU settings, got {engine!r}")
+    raise ValueError(f"{where}: invalid 'engine' {engine!r}; expected an object of SPU "
+                     "settings, as cipherprompt bench writes")
 
 
 def check_engines(measurements: list[Measurement]) -> None:

@@ -34,7 +34,7 @@ def load_record(path: Path) -> dict:
     try:
         record = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise ReproduceError(f"bench record {path} does not exist; pass a JSON record written by "
+        raise ReproduceError(f"bench record {path} not found; pass a JSON record written by "
                              "cipherprompt bench, e.g. benchmarks/results/"
                              "small-h128-l1-32-wan.json") from None
     except (OSError, json.JSONDecodeError) as error:
@@ -47,7 +47,10 @@ def load_record(path: Path) -> dict:
 
 
 def recorded_arguments(record: dict, parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """Parse the record's command line with the bench parser (without --out and --work-dir)."""
+    """Parse the record's command line with the bench parser.
+
+    The caller replaces the recorded --out and --work-dir.
+    """
     words = shlex.split(record["command"])[2:]
     if "--reproduce" in words:
         raise ReproduceError("the record was itself made by --reproduce; reproduce the record "
@@ -62,9 +65,10 @@ def recorded_arguments(record: dict, parser: argparse.ArgumentParser) -> argpars
 
 def check_given_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Reject options that would change what a reproduction measures."""
-    given = [name for name in MEASURED_OPTIONS if getattr(args, name) != parser.get_default(name)]
-    if given:
-        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+    changed = [name for name in MEASURED_OPTIONS
+               if getattr(args, name) != parser.get_default(name)]
+    if changed:
+        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
         raise ReproduceError(f"--reproduce takes what runs from the record; drop {flags} (only "
                              "--out, --work-dir, --tolerance and the timeouts may be given)")
 
@@ -76,7 +80,7 @@ def check_weights(record: dict, config) -> None:
     for plan, path in config.checkpoints.items():
         expected = record["plans"].get(plan, {}).get("weights", {}).get("sha256")
         if not Path(path).is_file():
-            raise ReproduceError(f"plan {plan} ran checkpoint {path}, which does not exist here; "
+            raise ReproduceError(f"plan {plan} ran checkpoint {path}, which is not found here; "
                                  "make it with the command in docs/benchmarks.md (cipherprompt "
                                  "train or distill) and run from the folder the record was made in")
         digest = load_checkpoint(Path(path)).weights_digest()
@@ -86,7 +90,7 @@ def check_weights(record: dict, config) -> None:
                                  "be comparable")
 
 
-def default_out(record_path: Path, work_dir: Path) -> Path:
+def reproduction_out(record_path: Path, work_dir: Path) -> Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return work_dir / f"reproduce-{Path(record_path).stem}-{stamp}.json"
 
@@ -137,7 +141,6 @@ def compare(recorded: dict, measured: dict, tolerance: float) -> dict:
         "tolerance": tolerance,
         "checked": "bytes both ways and messages per query, each within the tolerance of the "
                    "record; seconds depend on the machine's load and are not checked",
-        "engine_same_as_default": None,
         "plans": plans,
         "ratios": ratio_rows,
         "reproduced": all(row["reproduced"] for row in plans + ratio_rows),
@@ -149,7 +152,7 @@ def _percent(value: float) -> str:
 
 
 def format_comparison(record_path: Path, recorded: dict, measured: dict, result: dict) -> str:
-    """Markdown: the recorded and the new figures of each plan and ratio, and the verdict."""
+    """Return the recorded and new figures of each plan and ratio, and the verdict, as Markdown."""
     from cipherprompt.bench.compare import _format_bytes, _format_seconds
 
     lines = [
@@ -197,7 +200,7 @@ def reproduce(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     Returns 0 when bytes and messages reproduced, 1 when they did not.
     """
     from cipherprompt.bench.compare import config_from_args, format_report, run_bench
-    from cipherprompt.bench.estimate import write_text_atomically
+    from cipherprompt.bench.files import write_text_atomically
     from cipherprompt.secure.engine import EngineConfig
 
     if not 0 < args.tolerance < 1:
@@ -207,7 +210,7 @@ def reproduce(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     record_path = Path(args.reproduce)
     recorded = load_record(record_path)
     rerun = recorded_arguments(recorded, parser)
-    rerun.out = args.out or default_out(record_path, args.work_dir)
+    rerun.out = args.out or reproduction_out(record_path, args.work_dir)
     rerun.work_dir = args.work_dir
     rerun.link_timeout = args.link_timeout
     rerun.session_timeout = args.session_timeout
