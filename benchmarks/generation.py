@@ -248,8 +248,9 @@ def main() -> int:
         result = check_reference(args)
     else:
         result = measure_two_party(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    from cipherprompt.files import write_json
+
+    write_json(args.out, result)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cipherprompt.bench.files import write_text_atomically
+    from cipherprompt.files import write_text_atomically
     from cipherprompt.bench.machine import load_now, machine_facts
     from cipherprompt.ops.costs import DOC_PATH, RESULTS_PATH, update_doc
     from cipherprompt.secure.engine import EngineConfig

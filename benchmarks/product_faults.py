@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--settings takes on and/or off, got {args.settings!r}")
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from cipherprompt.bench.files import write_text_atomically
+    from cipherprompt.files import write_text_atomically
     from cipherprompt.bench.machine import load_now, machine_facts
 
     record = {

@@ -133,7 +133,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
     args = parser.parse_args()
 
-    from cipherprompt.bench.files import write_text_atomically
+    from cipherprompt.files import write_text_atomically
     from cipherprompt.bench.machine import load_now, machine_facts
     from cipherprompt.checkpoint import load_checkpoint
     from cipherprompt.plan import OperatorPlan

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from cipherprompt.files import write_atomically
 from cipherprompt.models.bert import BertConfig, Params
 from cipherprompt.models.llama import LlamaConfig
 from cipherprompt.plan import OperatorPlan
@@ -85,8 +84,6 @@ def _lists_from_digit_keys(node):
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     """Write ``checkpoint`` to ``path`` atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "format_version": FORMAT_VERSION,
         "family": "llama" if isinstance(checkpoint.config, LlamaConfig) else "bert",
@@ -97,16 +94,12 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     }
     arrays = {key: np.asarray(value, np.float32) for key, value in flatten(checkpoint.params).items()}
     arrays[_META_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as out:
             np.savez(out, **arrays)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+
+    write_atomically(path, write)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

@@ -40,7 +40,7 @@ def cmd_train(args) -> int:
 def cmd_baseline(args) -> int:
     from cipherprompt.data import load_splits
     from cipherprompt.train.baseline import run_tfidf_baseline
-    from cipherprompt.train.teacher import write_json
+    from cipherprompt.files import write_json
 
     report = run_tfidf_baseline(load_splits(seed=args.seed))
     report["command"] = "cipherprompt baseline"

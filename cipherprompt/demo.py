@@ -18,12 +18,13 @@ import numpy as np
 
 from cipherprompt.checkpoint import load_checkpoint
 from cipherprompt.data import LABEL_NAMES, load_splits
+from cipherprompt.files import write_json
 from cipherprompt.models.bert import classify, pooling_weights
 from cipherprompt.secure.client import PrivateClassifier, softmax
 from cipherprompt.secure.cost import format_bytes, format_cost_table, write_cost
 from cipherprompt.secure.launch import ServerProcess
 from cipherprompt.tokenizer import WordPieceTokenizer
-from cipherprompt.train.teacher import TeacherConfig, train_teacher, write_json
+from cipherprompt.train.teacher import TeacherConfig, train_teacher
 
 log = logging.getLogger(__name__)
 

@@ -49,6 +49,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cipherprompt.data import LABEL_NAMES, Example, load_splits
+from cipherprompt.files import write_atomically, write_json, write_text_atomically
 
 if TYPE_CHECKING:
     from cipherprompt.checkpoint import Checkpoint
@@ -229,9 +230,7 @@ class ResultLog:
             self.records[record["index"]] = record
         if lines[-1]:
             complete_text = "".join(line + "\n" for line in complete)
-            temporary = self.path.with_name(f".{self.path.name}.tmp")
-            temporary.write_text(complete_text)
-            temporary.replace(self.path)
+            write_text_atomically(self.path, complete_text)
 
     def _check(self, record: dict, number: int) -> None:
         if record.get("setup_sha256") != self.setup_sha256:
@@ -607,8 +606,12 @@ def _evaluate_locked(config: EvaluateConfig, checkpoint: Checkpoint,
                              for index in range(len(examples))], np.float32)
     ref2k_seconds = sum(ref2k_results.records[index]["seconds"] for index in range(len(examples)))
 
-    np.savez(config.work_dir / LOGITS_NAME, labels=labels, float_serve_len=float_logits,
-             float_train_len=float_train_logits, ref2k=ref2k_logits)
+    def write_logits(temporary: Path) -> None:
+        with open(temporary, "wb") as out:
+            np.savez(out, labels=labels, float_serve_len=float_logits,
+                     float_train_len=float_train_logits, ref2k=ref2k_logits)
+
+    write_atomically(config.work_dir / LOGITS_NAME, write_logits)
     sections = {
         "data": {
             "sentences": len(examples),
@@ -654,8 +657,6 @@ def _evaluate_locked(config: EvaluateConfig, checkpoint: Checkpoint,
 def _write_report(config: EvaluateConfig, checkpoint: Checkpoint, sections: dict,
                   started: float) -> dict:
     """Write the JSON report: the command, the configuration, the checkpoint and ``sections``."""
-    from cipherprompt.train.teacher import write_json
-
     report = {
         "command": config.command_line(),
         "config": {key: str(value) if isinstance(value, Path) else value

@@ -8,10 +8,11 @@ and of the server's session process.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
+
+from cipherprompt.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +62,6 @@ def generation_report(generation, client, sampling, recompute: bool) -> dict:
     }
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Write ``data`` as JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2))
-    temporary.replace(path)
 
 
 def format_summary(report: dict) -> str:

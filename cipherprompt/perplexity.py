@@ -458,7 +458,7 @@ def _measure_locked(config: PerplexityConfig, checkpoint: Checkpoint,
                     reference: Checkpoint | None, split: TokenSplit) -> dict:
     from cipherprompt.evaluate import ResultLog, setup_digest
     from cipherprompt.secure.engine import EngineConfig
-    from cipherprompt.train.teacher import write_json
+    from cipherprompt.files import write_json
 
     started = time.perf_counter()
     ids = windows(split.held_out, config.seq_len, config.windows)

@@ -10,7 +10,6 @@ import csv
 import json
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from cipherprompt.bench.files import write_atomically
 from cipherprompt.bench.profile_report import (
     OPERATOR_ORDER,
     attribute,
@@ -104,33 +102,6 @@ def test_attribution_rejects_fused_stages():
 
     with pytest.raises(ValueError, match="'layer0' is not a step"):
         attribute(cost, classifier_blocks(CONFIG, plan))
-
-
-def test_interrupted_write_leaves_no_file(tmp_path):
-    target = tmp_path / "profile.json"
-
-    def write_half(temporary: Path) -> None:
-        temporary.write_text('{"rows": [')
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        write_atomically(target, write_half)
-
-    assert not target.exists()
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_written_file_follows_umask(tmp_path):
-    target = tmp_path / "report.json"
-    previous = os.umask(0o022)
-    try:
-        write_atomically(target, lambda temporary: temporary.write_text("{}"))
-    finally:
-        os.umask(previous)
-
-    assert target.read_text() == "{}"
-    assert stat.S_IMODE(target.stat().st_mode) == 0o644
-    assert list(tmp_path.iterdir()) == [target]
 
 
 def test_profile_rows_sum_to_total(profiled):

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cipherprompt.bench.estimate import NETWORK_PRESETS, Network, write_text_atomically
+from cipherprompt.bench.estimate import NETWORK_PRESETS, Network
+from cipherprompt.files import write_text_atomically
 from cipherprompt.bench.machine import machine_facts
 
 log = logging.getLogger(__name__)

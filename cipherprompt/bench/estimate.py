@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from cipherprompt.bench.files import write_atomically, write_text_atomically
+from cipherprompt.files import write_atomically, write_text_atomically
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cipherprompt.bench.estimate import write_text_atomically
+from cipherprompt.files import write_text_atomically
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cipherprompt.bench.files import write_atomically, write_text_atomically
+from cipherprompt.files import write_atomically, write_text_atomically
 
 JSON_NAME = "profile.json"
 CSV_NAME = "profile.csv"

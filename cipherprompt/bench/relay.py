@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cipherprompt.bench.estimate import write_text_atomically
+from cipherprompt.files import write_text_atomically
 from cipherprompt.secure.wire import parse_address
 
 log = logging.getLogger(__name__)

@@ -200,7 +200,7 @@ def reproduce(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     Returns 0 when bytes and messages reproduced, 1 when they did not.
     """
     from cipherprompt.bench.compare import config_from_args, format_report, run_bench
-    from cipherprompt.bench.files import write_text_atomically
+    from cipherprompt.files import write_text_atomically
     from cipherprompt.secure.engine import EngineConfig
 
     if not 0 < args.tolerance < 1:

@@ -156,7 +156,7 @@ def update_doc(doc: Path, results: dict) -> bool:
     updated = f"{before}{TABLE_START}\n{render_table(results)}\n{TABLE_END}{after}"
     if updated == text:
         return False
-    from cipherprompt.bench.files import write_text_atomically
+    from cipherprompt.files import write_text_atomically
 
     write_text_atomically(Path(doc), updated)
     return True

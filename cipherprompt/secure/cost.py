@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import spu.libspu as libspu
+
+from cipherprompt.files import write_json
 
 _OPERATOR_LINE = re.compile(
     r"- (pphlo\.[\w.]+), executed (\d+) times, duration ([\d.e+-]+)s, send bytes (\d+) "
@@ -216,9 +217,5 @@ def format_cost_table(cost: QueryCost) -> str:
 
 
 def write_cost(path: Path, cost: QueryCost, extra: dict | None = None) -> None:
-    """Write the cost as JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps({**(extra or {}), **cost.to_dict()}, indent=2))
-    temporary.replace(path)
+    """Write the cost, after the entries of ``extra``, as JSON atomically."""
+    write_json(path, {**(extra or {}), **cost.to_dict()})

@@ -56,6 +56,7 @@ from cipherprompt.decoder_checkpoint import (
     exact_checkpoint,
     load_decoder_checkpoint,
 )
+from cipherprompt.files import write_json
 from cipherprompt.models.llama import Params
 from cipherprompt.perplexity import WindowRunner, perplexity_of
 from cipherprompt.plan import LayerPlan, OperatorPlan
@@ -72,7 +73,7 @@ from cipherprompt.train.distill import (
     read_state,
     resume_progress,
 )
-from cipherprompt.train.teacher import progress_interval, write_json
+from cipherprompt.train.teacher import progress_interval
 
 log = logging.getLogger(__name__)
 

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from cipherprompt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cipherprompt.data import load_splits
+from cipherprompt.files import write_json
 from cipherprompt.models.bert import BertConfig, Params, classifier_head, encode
 from cipherprompt.plan import OperatorPlan
 from cipherprompt.tokenizer import WordPieceTokenizer
@@ -49,7 +50,6 @@ from cipherprompt.train.teacher import (
     cross_entropy,
     predict_logits,
     progress_interval,
-    write_json,
 )
 
 log = logging.getLogger(__name__)

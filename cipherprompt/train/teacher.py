@@ -6,7 +6,6 @@ next to the TF-IDF baseline on the same split.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from cipherprompt.assets import asset_path, sha256_of
 from cipherprompt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cipherprompt.data import LABEL_NAMES, load_splits
+from cipherprompt.files import write_json
 from cipherprompt.models.bert import BertConfig, Params, classify, pooling_weights
 from cipherprompt.models.bert_import import load_bert_safetensors
 from cipherprompt.plan import OperatorPlan
@@ -203,9 +203,3 @@ def progress_interval() -> float:
     return 0.1 if sys.stderr.isatty() else 30.0
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically: a temporary file in the same folder, then a rename."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2))
-    temporary.replace(path)
