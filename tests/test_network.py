@@ -134,6 +134,8 @@ _INTERRUPTED_RUN = textwrap.dedent("""
 @needs_root
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_cleanup_after_signal(tmp_path, signum):
+    # NOTE: in one full-suite run the SIGINT case did not exit within 60 s. Reruns took about
+    # 1 s. The cause is not known.
     process = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_RUN, str(tmp_path)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

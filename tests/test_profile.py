@@ -217,6 +217,8 @@ def _children(pid: int) -> list[int]:
 
 
 def test_profile_ctrl_c_leaves_no_report(tiny_checkpoint, tmp_path):
+    # NOTE: in one full-suite run of 678 tests the profile finished (exit 0) before the party
+    # processes were found and SIGINT was sent. Reruns passed. The cause is not known.
     out = tmp_path / "report"
     process = subprocess.Popen(
         _profile_command("--checkpoint", str(tiny_checkpoint), "--out", str(out)),
