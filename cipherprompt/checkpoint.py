@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cipherprompt.files import write_atomically
+from cipherprompt.files import write_npz
 from cipherprompt.models.bert import BertConfig, Params
 from cipherprompt.models.llama import LlamaConfig
 from cipherprompt.plan import OperatorPlan
@@ -94,12 +94,7 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     }
     arrays = {key: np.asarray(value, np.float32) for key, value in flatten(checkpoint.params).items()}
     arrays[_META_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-
-    def write(temporary: Path) -> None:
-        with open(temporary, "wb") as out:
-            np.savez(out, **arrays)
-
-    write_atomically(path, write)
+    write_npz(path, arrays)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

@@ -49,7 +49,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cipherprompt.data import LABEL_NAMES, Example, load_splits
-from cipherprompt.files import write_atomically, write_json, write_text_atomically
+from cipherprompt.files import write_json, write_npz, write_text_atomically
 
 if TYPE_CHECKING:
     from cipherprompt.checkpoint import Checkpoint
@@ -606,12 +606,9 @@ def _evaluate_locked(config: EvaluateConfig, checkpoint: Checkpoint,
                              for index in range(len(examples))], np.float32)
     ref2k_seconds = sum(ref2k_results.records[index]["seconds"] for index in range(len(examples)))
 
-    def write_logits(temporary: Path) -> None:
-        with open(temporary, "wb") as out:
-            np.savez(out, labels=labels, float_serve_len=float_logits,
-                     float_train_len=float_train_logits, ref2k=ref2k_logits)
-
-    write_atomically(config.work_dir / LOGITS_NAME, write_logits)
+    write_npz(config.work_dir / LOGITS_NAME,
+              {"labels": labels, "float_serve_len": float_logits,
+               "float_train_len": float_train_logits, "ref2k": ref2k_logits})
     sections = {
         "data": {
             "sentences": len(examples),

@@ -42,6 +42,21 @@ def write_json(path: Path, data: dict) -> None:
     write_text_atomically(path, json.dumps(data, indent=2))
 
 
+def write_npz(path: Path, arrays: dict) -> None:
+    """Write ``arrays`` to ``path`` as an uncompressed .npz archive atomically.
+
+    The archive goes through an open file, because np.savez appends ".npz" to a path argument.
+    NumPy is imported here, so that light processes such as the relay do not load it.
+    """
+    import numpy as np
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as out:
+            np.savez(out, **arrays)
+
+    write_atomically(path, write)
+
+
 def _create_temporary(path: Path) -> Path:
     """Create an empty, new file next to ``path`` with the permissions of any new file.
 

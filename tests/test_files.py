@@ -7,9 +7,10 @@ import os
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from cipherprompt.files import write_atomically, write_json
+from cipherprompt.files import write_atomically, write_json, write_npz
 from cipherprompt.secure.cost import QueryCost, StageCost, write_cost
 
 
@@ -82,3 +83,14 @@ def test_write_cost_puts_extra_entries_first(tmp_path):
     assert list(written)[0] == "plan"
     assert written["plan"] == "friendly"
     assert written == {"plan": "friendly", **cost.to_dict()}
+
+
+def test_write_npz_keeps_exact_name(tmp_path):
+    # np.savez given the temporary path (ending in .tmp) would append ".npz" to it, and the rename
+    # would then miss the file it wrote.
+    target = tmp_path / "logits.npz"
+
+    write_npz(target, {"ref2k": np.arange(4, dtype=np.float32)})
+
+    assert list(tmp_path.iterdir()) == [target]
+    assert np.load(target)["ref2k"].tolist() == [0.0, 1.0, 2.0, 3.0]

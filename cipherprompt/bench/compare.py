@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from cipherprompt.bench.estimate import NETWORK_PRESETS, Network
-from cipherprompt.files import write_text_atomically
+from cipherprompt.files import write_json, write_text_atomically
 from cipherprompt.bench.machine import machine_facts
 
 log = logging.getLogger(__name__)
@@ -609,7 +609,7 @@ def run_bench(config: BenchConfig) -> dict:
     record["complete"] = failure is None
     if failure is not None:
         record["failure"] = str(failure)
-    write_text_atomically(out, json.dumps(record, indent=2))
+    write_json(out, record)
     write_text_atomically(out.with_suffix(".md"), format_report(record))
     if failure is not None:
         raise SessionError(f"{failure}\nthe plans that finished are recorded in {out}")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cipherprompt.files import write_text_atomically
+from cipherprompt.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     spec = PartySpec.from_json(Path(argv[0]).read_text())
     record = run_party(spec)
-    write_text_atomically(Path(argv[1]), json.dumps(record, indent=2))
+    write_json(Path(argv[1]), record)
     return 0
 
 

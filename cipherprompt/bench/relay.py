@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import logging
 import os
 import signal
@@ -33,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cipherprompt.files import write_text_atomically
+from cipherprompt.files import write_json
 from cipherprompt.secure.wire import parse_address
 
 log = logging.getLogger(__name__)
@@ -325,8 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         relay.close()
         if args.stats_file is not None:
-            write_text_atomically(args.stats_file,
-                                  json.dumps({"routes": relay.snapshot()}, indent=2))
+            write_json(args.stats_file, {"routes": relay.snapshot()})
     log.info("stopped (pid %d)", os.getpid())
     return 0
 

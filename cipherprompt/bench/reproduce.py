@@ -200,7 +200,7 @@ def reproduce(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     Returns 0 when bytes and messages reproduced, 1 when they did not.
     """
     from cipherprompt.bench.compare import config_from_args, format_report, run_bench
-    from cipherprompt.files import write_text_atomically
+    from cipherprompt.files import write_json, write_text_atomically
     from cipherprompt.secure.engine import EngineConfig
 
     if not 0 < args.tolerance < 1:
@@ -234,7 +234,7 @@ def reproduce(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     result["record"] = str(record_path)
     measured["reproduces"] = result
     out = Path(measured.pop("out"))
-    write_text_atomically(out, json.dumps(measured, indent=2))
+    write_json(out, measured)
     text = format_comparison(record_path, recorded, measured, result)
     write_text_atomically(out.with_suffix(".comparison.md"), text)
     print()
